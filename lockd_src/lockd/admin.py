@@ -1,0 +1,523 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The admin interface: JSON lines on the admin socket (docs/admin-protocol.md).
+
+Server side (operations on a running :class:`~lockd.server.Server`) and the
+reference client :class:`AdminClient`.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import time
+import uuid as uuidlib
+from typing import Any, Dict, List, Optional
+
+from . import __version__
+from . import owners as own
+from . import protocol as P
+from . import rpc
+from .lockspace import AUTOCREATE, SHARED, Resource
+
+log = logging.getLogger("lockd.admin")
+
+VERSION = 1
+MAX_LINE = 1 << 20
+OPS = ("hello", "status", "lockspaces", "leases", "clients", "release", "acquire")
+
+
+class AdminError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --------------------------------------------------------------------------- server
+
+
+class AdminConn:
+    __slots__ = ("server", "sock", "fd", "pid", "uid", "rbuf", "wbuf", "connected_at")
+
+    def __init__(self, server, sock, pid, uid):
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.pid = pid
+        self.uid = uid
+        self.rbuf = b""
+        self.wbuf = b""
+        self.connected_at = time.time()
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self.server.remove_handler(self.fd)
+        self.server.admins.pop(self.fd, None)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.fd = -1
+
+    def on_event(self, fd: int, ev: int) -> None:
+        import select
+        if ev & select.EPOLLOUT:
+            self._flush()
+            if self.fd < 0 or not ev & select.EPOLLIN:
+                return
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        self.rbuf += data
+        while self.fd >= 0:
+            nl = self.rbuf.find(b"\n")
+            if nl < 0:
+                if len(self.rbuf) >= MAX_LINE:
+                    self.send({"v": VERSION, "id": None, "ok": False,
+                               "error": {"code": "bad-request",
+                                         "message": "request line longer than %d bytes" % MAX_LINE}})
+                    self.close()
+                return
+            line, self.rbuf = self.rbuf[:nl], self.rbuf[nl + 1:]
+            if len(line) + 1 > MAX_LINE:
+                self.send({"v": VERSION, "id": None, "ok": False,
+                           "error": {"code": "bad-request",
+                                     "message": "request line longer than %d bytes" % MAX_LINE}})
+                self.close()
+                return
+            if line.strip():
+                self.send(handle_line(self.server, line))
+
+    def send(self, obj: dict) -> None:
+        data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+        if self.wbuf:
+            self.wbuf += data
+            return
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self.close()
+            return
+        if n < len(data):
+            import select
+            self.wbuf = data[n:]
+            self.server.ep.modify(self.fd, select.EPOLLIN | select.EPOLLOUT)
+
+    def _flush(self) -> None:
+        import select
+        try:
+            n = self.sock.send(self.wbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        self.wbuf = self.wbuf[n:]
+        if not self.wbuf:
+            self.server.ep.modify(self.fd, select.EPOLLIN)
+
+
+def accept_admin(server, lsock: socket.socket) -> None:
+    from .server import peer_cred
+    import select
+    while True:
+        try:
+            sock, _ = lsock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.error("cannot accept an admin client: %s", e.strerror)
+            return
+        try:
+            pid, uid, _gid = peer_cred(sock)
+        except OSError:
+            sock.close()
+            continue
+        conn = AdminConn(server, sock, pid, uid)
+        if not server._peer_allowed(uid):
+            log.warning("Disallowing admin client pid %d with uid %d", pid, uid)
+            _refuse(sock, "permission-denied",
+                    "the lockd admin socket is for root only (your uid is %d); run the command as root" % uid)
+            continue
+        if len(server.admins) >= server.cfg["admin_max_clients"]:
+            _refuse(sock, "internal", "too many admin clients (%d); retry later or raise admin_max_clients"
+                    % server.cfg["admin_max_clients"])
+            continue
+        sock.setblocking(False)
+        server.admins[conn.fd] = conn
+        server.add_handler(conn.fd, select.EPOLLIN, conn.on_event)
+
+
+def _refuse(sock: socket.socket, code: str, message: str) -> None:
+    try:
+        sock.setblocking(True)
+        sock.settimeout(1.0)
+        sock.sendall((json.dumps({"v": VERSION, "id": None, "ok": False,
+                                  "error": {"code": code, "message": message}}) + "\n").encode())
+    except OSError:
+        pass
+    sock.close()
+
+
+def handle_line(server, line: bytes) -> dict:
+    rid = None
+    try:
+        try:
+            req = json.loads(line)
+        except ValueError as e:
+            raise AdminError("bad-request", "the request is not valid JSON: %s" % e) from None
+        if not isinstance(req, dict):
+            raise AdminError("bad-request", "the request must be a JSON object")
+        rid = req.get("id")
+        if isinstance(rid, (dict, list)):
+            rid = None
+            raise AdminError("bad-request", "id must be an integer or a string")
+        v = req.get("v")
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise AdminError("bad-request", "missing or non-integer protocol version 'v'")
+        if v != VERSION:
+            raise AdminError("unsupported-version",
+                             "protocol version %r is not supported; this daemon speaks version %d" % (v, VERSION))
+        op = req.get("op")
+        if not isinstance(op, str):
+            raise AdminError("bad-request", "missing or non-string 'op'")
+        args = req.get("args", {})
+        if not isinstance(args, dict):
+            raise AdminError("bad-request", "'args' must be a JSON object")
+        fn = _OPS.get(op)
+        if fn is None:
+            raise AdminError("unknown-op", "unknown operation %r; known operations: %s" % (op, ", ".join(OPS)))
+        result = fn(server, _Args(op, args))
+        return {"v": VERSION, "id": rid, "ok": True, "result": result}
+    except AdminError as e:
+        return {"v": VERSION, "id": rid, "ok": False, "error": {"code": e.code, "message": e.message}}
+    except Exception as e:  # never let one request take the daemon down
+        log.exception("admin request failed")
+        return {"v": VERSION, "id": rid, "ok": False, "error": {"code": "internal", "message": str(e)}}
+
+
+class _Args:
+    """Typed access to request arguments; unknown names are an error."""
+
+    def __init__(self, op: str, args: Dict[str, Any]) -> None:
+        self.op = op
+        self.args = args
+        self.used = set()
+
+    def get(self, name: str, kind, default=None, required: bool = False):
+        self.used.add(name)
+        if name not in self.args or self.args[name] is None:
+            if required:
+                raise AdminError("invalid-argument", "%s needs argument %r" % (self.op, name))
+            return default
+        v = self.args[name]
+        ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+        if not ok:
+            raise AdminError("invalid-argument", "argument %r of %s must be %s, got %r"
+                             % (name, self.op, {str: "a string", int: "an integer", bool: "a boolean",
+                                                dict: "an object"}.get(kind, kind), v))
+        return v
+
+    def done(self) -> None:
+        extra = sorted(set(self.args) - self.used)
+        if extra:
+            raise AdminError("invalid-argument", "%s does not take argument(s) %s" % (self.op, ", ".join(extra)))
+
+
+def _owner_obj(server, res: Optional[Resource], pid: int) -> dict:
+    info = server.owners.get(pid)
+    started = info.start_time if info else None
+    return {
+        "uuid": info.uuid_str if info else None, "name": info.name if info else None,
+        "id": info.id if info else None, "pid": pid, "start_time": started,
+        "alive": own.alive(pid, started), "since": res.since.get(pid) if res is not None else None,
+        "connected": bool(info and info.connected),
+    }
+
+
+def lease_obj(server, res: Resource) -> dict:
+    return {
+        "lockspace": res.lockspace.key, "resource": res.name, "path": res.path,
+        "dev": res.dev, "ino": res.ino, "shared": bool(res.flags & SHARED),
+        "autocreate": bool(res.flags & AUTOCREATE),
+        "owners": [_owner_obj(server, res, pid) for pid in dict.fromkeys(res.owners)],
+    }
+
+
+def _op_hello(server, a: _Args) -> dict:
+    a.done()
+    return {"protocol": VERSION, "server": "lockd", "version": __version__, "ops": list(OPS)}
+
+
+def _op_status(server, a: _Args) -> dict:
+    a.done()
+    st = server.status()
+    st["version"] = __version__
+    return st
+
+
+def _op_lockspaces(server, a: _Args) -> dict:
+    a.done()
+    return {"lockspaces": [{"path": ls.key, "directory": ls.directory, "resources": len(ls.resources),
+                            "persistent": True}
+                           for ls in server.locks.lockspaces.values()]}
+
+
+def _matching(server, a: _Args) -> List[Resource]:
+    lockspace = a.get("lockspace", str)
+    resource = a.get("resource", str)
+    path = a.get("path", str)
+    owner_uuid = a.get("owner_uuid", str)
+    owner_name = a.get("owner_name", str)
+    owner_pid = a.get("owner_pid", int)
+    ino = None
+    if path is not None:
+        try:
+            st = os.stat(path)
+            ino = (st.st_dev, st.st_ino)
+        except OSError:
+            pass
+    pids = None
+    if owner_uuid is not None or owner_name is not None:
+        if owner_uuid is not None:
+            owner_uuid = _norm_uuid(owner_uuid)
+        pids = {pid for pid, info in server.owners.items()
+                if (owner_uuid is None or info.uuid_str == owner_uuid)
+                and (owner_name is None or info.name == owner_name)}
+    out = []
+    for res in server.locks.resources():
+        if lockspace is not None and res.lockspace.key != lockspace:
+            continue
+        if resource is not None and res.name != resource:
+            continue
+        if path is not None:
+            if ino is not None:
+                if (res.dev, res.ino) != ino:
+                    continue
+            elif res.path != path:
+                continue
+        if owner_pid is not None and owner_pid not in res.owners:
+            continue
+        if pids is not None and not pids.intersection(res.owners):
+            continue
+        out.append(res)
+    return out
+
+
+def _norm_uuid(s: str) -> str:
+    try:
+        return str(uuidlib.UUID(s))
+    except ValueError:
+        raise AdminError("invalid-argument", "%r is not a UUID" % s) from None
+
+
+def _op_leases(server, a: _Args) -> dict:
+    res = _matching(server, a)
+    a.done()
+    return {"leases": [lease_obj(server, r) for r in res]}
+
+
+def _op_clients(server, a: _Args) -> dict:
+    a.done()
+    out = []
+    for c in server.clients.values():
+        o = c.owner
+        out.append({"id": c.id, "pid": c.pid, "uid": c.uid, "restricted": c.restricted,
+                    "registered": o is not None,
+                    "owner": None if o is None else {"uuid": str(uuidlib.UUID(bytes=bytes(o.uuid))),
+                                                     "name": o.name, "id": o.id, "pid": o.pid},
+                    "connected_at": c.connected_at})
+    return {"clients": out}
+
+
+def _op_release(server, a: _Args) -> dict:
+    lockspace = a.get("lockspace", str)
+    resource = a.get("resource", str)
+    owner_uuid = a.get("owner_uuid", str)
+    owner_pid = a.get("owner_pid", int)
+    force = a.get("force", bool, False)
+    dry_run = a.get("dry_run", bool, False)
+    a.done()
+    given = [x is not None for x in ((lockspace is not None or resource is not None), owner_uuid, owner_pid)]
+    if sum(given) != 1:
+        raise AdminError("invalid-argument",
+                         "release needs exactly one selector: lockspace+resource, owner_uuid or owner_pid")
+    if given[0]:
+        if lockspace is None or resource is None:
+            raise AdminError("invalid-argument", "release by lease needs both lockspace and resource")
+        ls = server.locks.lockspaces.get(lockspace)
+        if ls is None:
+            raise AdminError("not-found", "no lockspace %r; list them with the lockspaces operation" % lockspace)
+        res = ls.resources.get(resource)
+        targets = [(res, list(dict.fromkeys(res.owners)))] if res is not None else []
+    else:
+        if owner_uuid is not None:
+            u = _norm_uuid(owner_uuid)
+            pids = {pid for pid, info in server.owners.items() if info.uuid_str == u}
+        else:
+            pids = {owner_pid}
+        targets = [(r, [p for p in dict.fromkeys(r.owners) if p in pids])
+                   for r in server.locks.resources() if pids.intersection(r.owners)]
+    if not force:
+        for res, pids in targets:
+            for pid in pids:
+                info = server.owners.get(pid)
+                if own.alive(pid, info.start_time if info else None):
+                    raise AdminError(
+                        "owner-alive",
+                        "lease %r in lockspace %r is held by running process %d (%s); stop that VM first, "
+                        "or pass force=true to release it anyway (the VM then runs unprotected)"
+                        % (res.name, res.lockspace.key, pid, info.name if info else "unknown owner"))
+    released = [lease_obj(server, res) for res, _ in targets]
+    if not dry_run:
+        for res, pids in targets:
+            if res.fd < 0:
+                continue
+            if given[0] or set(res.owners) <= set(pids):
+                server.locks.remove_resource(res)
+            else:
+                for pid in pids:
+                    while pid in res.owners:
+                        server.locks.release(res.lockspace, res.name, pid)
+            for pid in pids:
+                server._forget_owner_if_idle(pid)
+        for lease in released:
+            log.warning("admin released lease %r in lockspace %r (force=%s)", lease["resource"],
+                        lease["lockspace"], force)
+    return {"changed": bool(targets), "released": released}
+
+
+def _op_acquire(server, a: _Args) -> dict:
+    lockspace = a.get("lockspace", str, "")
+    resource = a.get("resource", str, required=True)
+    shared = a.get("shared", bool, False)
+    autocreate = a.get("autocreate", bool, False)
+    owner = a.get("owner", dict, required=True)
+    dry_run = a.get("dry_run", bool, False)
+    a.done()
+    oa = _Args("acquire owner", owner)
+    ouuid = _norm_uuid(oa.get("uuid", str, required=True))
+    oname = oa.get("name", str, required=True)
+    oid = oa.get("id", int, required=True)
+    opid = oa.get("pid", int, required=True)
+    oa.done()
+    if oid <= 0:
+        raise AdminError("invalid-argument", "owner id must be a positive domain id, got %d" % oid)
+    started = own.start_time(opid)
+    if started is None or not own.alive(opid, started):
+        raise AdminError("invalid-argument", "owner pid %d is not a running process; adoption is only for "
+                                             "running VMs" % opid)
+    if not resource or "\0" in resource or (lockspace and "/" in resource):
+        raise AdminError("invalid-argument", "invalid resource name %r" % resource)
+    if lockspace == "" and not resource.startswith("/"):
+        raise AdminError("invalid-argument", "resources in the default lockspace are absolute disk paths")
+    flags = (SHARED if shared else 0) | (AUTOCREATE if autocreate else 0)
+    ls = server.locks.lockspaces.get(lockspace)
+    res = ls.resources.get(resource) if ls is not None else None
+    if res is not None and opid in res.owners and bool(res.flags & SHARED) == shared:
+        return {"changed": False, "lease": lease_obj(server, res)}
+    if res is not None and not (res.flags & SHARED and shared):
+        raise AdminError("busy", "resource busy: Lockspace resource '%s' is locked (held by pid %s)"
+                         % (resource, ", ".join(str(p) for p in dict.fromkeys(res.owners))))
+    if dry_run:
+        return {"changed": True, "lease": None}
+    try:
+        if ls is None:
+            ls = server.locks.create_lockspace(lockspace)
+        server._owner_info(P.Owner(uuidlib.UUID(ouuid).bytes, oname, oid, opid))
+        res = server.locks.acquire(ls, resource, opid, flags)
+    except rpc.RPCError as e:
+        code = "busy" if e.code == rpc.ERR_RESOURCE_BUSY else \
+            "not-found" if e.int1 == errno.ENOENT else "internal"
+        server._forget_owner_if_idle(opid)
+        raise AdminError(code, e.message or "acquire failed") from None
+    log.warning("admin adopted lease %r in lockspace %r for pid %d (%s)", resource, lockspace, opid, oname)
+    return {"changed": True, "lease": lease_obj(server, res)}
+
+
+_OPS = {
+    "hello": _op_hello, "status": _op_status, "lockspaces": _op_lockspaces, "leases": _op_leases,
+    "clients": _op_clients, "release": _op_release, "acquire": _op_acquire,
+}
+
+
+# --------------------------------------------------------------------------- client
+
+
+class AdminClient:
+    """Reference client for the admin protocol (the Ansible modules carry their own)."""
+
+    def __init__(self, path: str = P.ADMIN_SOCKET, timeout: float = 10.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.sock: Optional[socket.socket] = None
+        self.buf = b""
+        self.next_id = 1
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.path)
+        except FileNotFoundError:
+            s.close()
+            raise AdminError("no-daemon", "no admin socket at %s: is virtlockd running? "
+                                          "(systemctl start virtlockd-admin.socket)" % self.path) from None
+        except ConnectionRefusedError:
+            s.close()
+            raise AdminError("no-daemon", "nothing listens on %s: start virtlockd" % self.path) from None
+        except PermissionError:
+            s.close()
+            raise AdminError("permission-denied", "cannot connect to %s: permission denied; run as root"
+                             % self.path) from None
+        self.sock = s
+
+    def call(self, op: str, **args) -> dict:
+        if self.sock is None:
+            self.connect()
+        rid = self.next_id
+        self.next_id += 1
+        req = {"v": VERSION, "id": rid, "op": op, "args": args}
+        try:
+            self.sock.sendall((json.dumps(req) + "\n").encode())
+            while b"\n" not in self.buf:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise AdminError("not-lockd", "the daemon at %s closed the connection without answering: "
+                                                  "it does not speak the lockd admin protocol (is this "
+                                                  "libvirt's C virtlockd?)" % self.path)
+                self.buf += data
+        except socket.timeout:
+            raise AdminError("timeout", "no answer from %s within %.0f s" % (self.path, self.timeout)) from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise AdminError("not-lockd", "the daemon at %s dropped the connection: it does not speak the "
+                                          "lockd admin protocol (is this libvirt's C virtlockd?)" % self.path) from None
+        line, self.buf = self.buf.split(b"\n", 1)
+        resp = json.loads(line)
+        if not resp.get("ok"):
+            err = resp.get("error") or {}
+            raise AdminError(err.get("code", "internal"), err.get("message", "unknown error"))
+        return resp["result"]
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def __enter__(self) -> "AdminClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,190 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""libvirt's generic "virNet" RPC layer: frame, header, error struct, limits.
+
+Values come from libvirt's ``virnetprotocol.x`` and ``virerror.h``
+(spec sections 2.2-2.9). This module is the single source of truth for them.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+from . import xdr
+
+# Size limits (virnetprotocol.x)
+MESSAGE_INITIAL = 65536
+MESSAGE_MAX = 33554432            # frame size excluding the 4-byte length word
+MESSAGE_HEADER_MAX = 24
+MESSAGE_PAYLOAD_MAX = 33554408
+MESSAGE_LEN_MAX = 4
+MESSAGE_STRING_MAX = 4194304      # strings inside virNetMessageError
+MESSAGE_NUM_FDS_MAX = 32
+
+# enum virNetMessageType
+CALL = 0
+REPLY = 1
+MESSAGE = 2
+STREAM = 3
+CALL_WITH_FDS = 4
+REPLY_WITH_FDS = 5
+STREAM_HOLE = 6
+
+# enum virNetMessageStatus
+OK = 0
+ERROR = 1
+CONTINUE = 2
+
+# Keepalive program
+KEEPALIVE_PROGRAM = 0x6B656570
+KEEPALIVE_VERSION = 1
+KEEPALIVE_PING = 1
+KEEPALIVE_PONG = 2
+
+# virErrorNumber values used by virtlockd
+ERR_INTERNAL_ERROR = 1
+ERR_INVALID_ARG = 8
+ERR_OPERATION_DENIED = 29
+ERR_SYSTEM_ERROR = 38
+ERR_RPC = 39
+ERR_OPERATION_INVALID = 55
+ERR_CONFIG_UNSUPPORTED = 67
+ERR_RESOURCE_BUSY = 87
+
+# virErrorDomain values
+FROM_RPC = 7
+FROM_CONF = 9
+FROM_LOCKING = 42
+FROM_LOCKSPACE = 51
+FROM_ADMIN = 62
+
+# virErrorLevel
+LEVEL_ERROR = 2
+
+# Message templates that prefix the detail text (libvirt 9.0.0 spelling).
+TEMPLATES = {
+    ERR_INTERNAL_ERROR: "internal error: %s",
+    ERR_INVALID_ARG: "invalid argument: %s",
+    ERR_OPERATION_DENIED: "operation forbidden: %s",
+    ERR_SYSTEM_ERROR: "%s",
+    ERR_RPC: "%s",
+    ERR_OPERATION_INVALID: "Requested operation is not valid: %s",
+    ERR_CONFIG_UNSUPPORTED: "unsupported configuration: %s",
+    ERR_RESOURCE_BUSY: "resource busy: %s",
+}
+
+HEADER = struct.Struct(">IIIiiIi")   # length, prog, vers, proc, type, serial, status
+_LEN = struct.Struct(">I")
+
+
+class FrameError(Exception):
+    """The byte stream cannot be framed; the connection must be closed."""
+
+
+@dataclass
+class Header:
+    prog: int
+    vers: int
+    proc: int
+    type: int
+    serial: int
+    status: int
+
+
+@dataclass
+class RPCError(Exception):
+    """A ``virNetMessageError``: what a failed call replies with."""
+
+    code: int
+    domain: int
+    message: Optional[str]
+    level: int = LEVEL_ERROR
+    str1: Optional[str] = None
+    str2: Optional[str] = None
+    str3: Optional[str] = None
+    int1: int = -1
+    int2: int = -1
+
+    def __str__(self) -> str:
+        return self.message or "Unknown error"
+
+    def encode(self) -> bytes:
+        return b"".join((
+            xdr.i32(self.code), xdr.i32(self.domain), xdr.optional_string(self.message),
+            xdr.i32(self.level), b"\0\0\0\0",                 # dom: absent
+            xdr.optional_string(self.str1), xdr.optional_string(self.str2),
+            xdr.optional_string(self.str3), xdr.i32(self.int1), xdr.i32(self.int2),
+            b"\0\0\0\0",                                        # net: absent
+        ))
+
+    @classmethod
+    def decode(cls, buf: bytes, pos: int = 0) -> "RPCError":
+        d = xdr.Decoder(buf, pos)
+        s = lambda: d.string(MESSAGE_STRING_MAX)  # noqa: E731
+        code = d.i32()
+        domain = d.i32()
+        message = d.optional(s)
+        level = d.i32()
+        d.optional(lambda: (s(), d.fixed_opaque(16), d.i32()))
+        str1, str2, str3 = d.optional(s), d.optional(s), d.optional(s)
+        int1, int2 = d.i32(), d.i32()
+        d.optional(lambda: (s(), d.fixed_opaque(16)))
+        return cls(code, domain, message, level, str1, str2, str3, int1, int2)
+
+
+def error(code: int, domain: int, detail: str) -> RPCError:
+    """An error as ``virReportError`` raises it: template + detail."""
+    template = TEMPLATES[code]
+    return RPCError(code, domain, template % detail, LEVEL_ERROR, template, detail, None, -1, -1)
+
+
+def system_error(domain: int, text: str, errno_: int, strerror: str) -> RPCError:
+    """An error as ``virReportSystemError`` raises it."""
+    message = "%s: %s" % (text, strerror)
+    return RPCError(ERR_SYSTEM_ERROR, domain, message, LEVEL_ERROR, "%s", message, None, errno_, -1)
+
+
+def rpc_error(detail: str) -> RPCError:
+    return error(ERR_RPC, FROM_RPC, detail)
+
+
+def encode_frame(prog: int, vers: int, proc: int, mtype: int, serial: int, status: int,
+                 payload: bytes = b"") -> bytes:
+    return HEADER.pack(28 + len(payload), prog, vers, proc, mtype, serial, status) + payload
+
+
+def reply_ok(h: Header, payload: bytes = b"") -> bytes:
+    return encode_frame(h.prog, h.vers, h.proc, REPLY, h.serial, OK, payload)
+
+
+def reply_error(h: Header, err: RPCError) -> bytes:
+    return encode_frame(h.prog, h.vers, h.proc, REPLY, h.serial, ERROR, err.encode())
+
+
+def frame_length(buf: bytes) -> int:
+    """Total frame length from the 4-byte length word, validated like libvirt."""
+    n = _LEN.unpack_from(buf, 0)[0]
+    if n < MESSAGE_LEN_MAX:
+        raise FrameError("packet %d bytes received from server too small, want %d" % (n, MESSAGE_LEN_MAX))
+    if n - MESSAGE_LEN_MAX > MESSAGE_MAX:
+        raise FrameError("packet %d bytes received from server too large, want %d" % (n, MESSAGE_MAX))
+    return n
+
+
+def decode_header(frame: bytes) -> Header:
+    if len(frame) < 28:
+        raise FrameError("Unable to decode message header")
+    _, prog, vers, proc, mtype, serial, status = HEADER.unpack_from(frame, 0)
+    return Header(prog, vers, proc, mtype, serial, status)
+
+
+def split_frames(buf: bytes):
+    """Yield complete frames from ``buf``; return the unconsumed tail via StopIteration."""
+    pos = 0
+    while len(buf) - pos >= 4:
+        n = frame_length(buf[pos:pos + 4])
+        if len(buf) - pos < n:
+            break
+        yield buf[pos:pos + n]
+        pos += n
+    return buf[pos:]
