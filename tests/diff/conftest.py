@@ -109,7 +109,12 @@ def _fresh_tree() -> None:
 
 def run_scenario(kind: str, scenario: Callable[[Run], None], workdir: Path, conf=None) -> Transcript:
     _fresh_tree()
-    with start_daemon(kind, workdir / kind, conf) as d:
+    # Daemon sockets live under BASE (mode 0755) so that a non-root test peer
+    # can reach them; `workdir` only names the run.
+    ddir = BASE / "daemons" / f"{workdir.name}-{kind}"
+    if ddir.exists():
+        shutil.rmtree(ddir)
+    with start_daemon(kind, ddir, conf) as d:
         run = Run(d, TREE)
         witness = Conn(d.sock)
         try:

@@ -238,7 +238,10 @@ class StandInOwner:
             return ""
 
     def close(self) -> None:
-        assert self._cmd("close") == "closed"
+        """Close the stub's daemon connection. The daemon may kill the stub
+        before it can even answer, so the answer is not required."""
+        answer = self._cmd("close")
+        assert answer in ("closed", ""), f"owner stub answered {answer!r}"
 
     def exit(self) -> None:
         self._cmd("exit")
