@@ -25,6 +25,7 @@ help:
 	@echo "make demo              two VMs, one disk: our lock daemon refuses the second VM (real libvirt + QEMU)"
 	@echo "make test              install dependencies, run the whole test suite (ends with pytest's summary)"
 	@echo "make test-unit|test-diff|test-e2e|test-reliability   one group only"
+	@echo "make bench [QUICK=1]   benchmarks against the C virtlockd (docs/benchmarks.md; QUICK=1: smoke, <1 min)"
 	@echo "make deps              apt packages and users only (scripts/install-deps.sh)"
 	@echo "make venv              .venv from requirements/*.txt plus lockd_src (editable)"
 
@@ -67,6 +68,15 @@ clean:
 # ---------------------------------------------------------------------------
 
 # --- bench (bench/**): `make bench`, `make bench QUICK=1` ---
+.PHONY: bench
+# make bench             ~10 min: C virtlockd vs ours, writes docs/benchmarks.{md,png,json}
+# make bench QUICK=1     every scenario with tiny counts (<1 min), output in a temp dir
+# make bench BENCH_ARGS="--only acqrel,idle --daemons py"
+QUICK ?=
+BENCH_ARGS ?=
+bench: deps venv
+	$(RUN) $(VENV_BIN)/python -m bench $(if $(QUICK),--quick) $(BENCH_ARGS)
+
 
 # --- lint: ansible-lint, antsibull-docs (collection) ---
 

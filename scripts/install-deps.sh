@@ -23,6 +23,9 @@ APT_PACKAGES=(
     strace
     zstd
     openssh-client
+    # make bench: compiles bench/standin.c (cheap stand-in QEMU processes for vmstart)
+    gcc
+    libc6-dev
     # systemd-nspawn hosts (tests/systemd, molecule)
     systemd-container
     mmdebstrap
