@@ -24,6 +24,12 @@ PACKAGES=(
     qemu-system-x86 qemu-utils python3-libvirt
     less psmisc lsof
 )
+# Since Debian 13, virtlockd and libvirt's lockd.so plugin are packages of their
+# own (only recommended by the qemu driver, and mmdebstrap skips recommends).
+declare -A SUITE_PACKAGES=(
+    [bookworm]=""
+    [trixie]="libvirt-daemon-lock libvirt-daemon-plugin-lockd"
+)
 # Timers and gettys that only slow a container down or touch its console.
 MASK=(
     apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer dpkg-db-backup.timer
@@ -68,9 +74,12 @@ build_one() {
     local start=$SECONDS
     # shellcheck disable=SC2064
     trap "rm -f '$tmp'" EXIT
-    log "$suite: building with mmdebstrap (${#PACKAGES[@]} packages + deps; about 30-60 s) ..."
+    log "$suite: building with mmdebstrap (${#PACKAGES[@]}+ packages + deps; about 30-60 s) ..."
     local include
-    include=$(IFS=,; echo "${PACKAGES[*]}")
+    local -a pkgs=("${PACKAGES[@]}")
+    # shellcheck disable=SC2206
+    pkgs+=(${SUITE_PACKAGES[$suite]})
+    include=$(IFS=,; echo "${pkgs[*]}")
     # mmdebstrap's own progress lines (I: ...) go to stderr.
     mmdebstrap --variant=minbase --mode=root --format=tar \
         --include="$include" \
@@ -86,6 +95,11 @@ build_one() {
         "$suite" - "$MIRROR" | zstd -q -T0 -3 -o "$tmp"
     mv "$tmp" "$out"
     trap - EXIT
+    # Older builds of this suite (other cache keys) are dead weight now.
+    local old
+    for old in "$CACHE/$suite"-*.tar.zst; do
+        [[ $old == "$out" ]] || rm -f "$old" "$old.lock"
+    done
     log "$suite: built in $((SECONDS - start)) s, $(du -h "$out" | cut -f1): $out"
     echo "$out"
 }

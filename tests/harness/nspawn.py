@@ -617,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("destroy", help="destroy the run in RUN_DIR (or every registered run with --all)")
     d.add_argument("run_dir", nargs="?")
     d.add_argument("--all", action="store_true")
+    d.add_argument("--match", metavar="SUBSTR", help="destroy every registered run whose RUN_DIR contains SUBSTR")
     e = sub.add_parser("exec", help="run a command in a host")
     e.add_argument("run_dir")
     e.add_argument("host")
@@ -636,9 +637,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(cl.instance_config()))
             return 0
         if args.cmd == "destroy":
-            if args.all:
+            if args.all or args.match:
                 runs = sorted(REGISTRY.glob("*")) if REGISTRY.is_dir() else []
                 for reg in runs:
+                    if args.match and args.match not in os.readlink(reg):
+                        continue
                     _destroy_dir(os.readlink(reg))
                     with contextlib.suppress(FileNotFoundError):
                         reg.unlink()
