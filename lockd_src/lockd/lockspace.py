@@ -66,6 +66,19 @@ def probe_lock_type(preferred: str) -> str:
             return "posix"
 
 
+def _makedirs(path: str, mode: int) -> None:
+    parent = os.path.dirname(path.rstrip("/"))
+    if parent and parent != path and not os.path.isdir(parent):
+        _makedirs(parent, mode)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path) from None
+        return
+    os.chmod(path, mode)
+
+
 class Resource:
     """One held lease: a locked file with its owner pids (repeats allowed)."""
 
@@ -134,16 +147,16 @@ class Locks:
         return ls
 
     def _make_dir(self, directory: str) -> None:
+        # as virLockSpaceNew: any stat failure means "create it", with every
+        # missing component made 0700 (virFileMakePathWithMode)
         try:
             st = os.stat(directory)
-        except FileNotFoundError:
+        except OSError:
             try:
-                os.makedirs(directory, 0o700, exist_ok=True)
+                _makedirs(directory, 0o700)
             except OSError as e:
                 raise P.err_system("Unable to create lockspace %s" % directory, e) from None
             return
-        except OSError as e:
-            raise P.err_system("Unable to check lockspace %s" % directory, e) from None
         if not stat.S_ISDIR(st.st_mode):
             raise P.err_not_dir(directory)
 
@@ -158,13 +171,21 @@ class Locks:
         self.listener.lockspace_added(ls)
         return ls
 
-    def new_lockspace(self, key: str) -> LockSpace:
-        """NEW: like CREATE_LOCKSPACE but an existing lockspace is an error."""
+    def new_lockspace(self, key: str) -> Optional[LockSpace]:
+        """NEW: an existing lockspace is an error; like libvirt, a directory
+        that cannot be made is not (acquires in it fail later)."""
         if key == "":
             raise P.err_default_exists()
         if key in self.lockspaces:
             raise P.err_lockspace_exists(key)
-        return self.create_lockspace(key)
+        try:
+            self._make_dir(key)
+        except RPCError:
+            return None   # libvirt replies success but adds no lockspace
+        ls = LockSpace(key, key)
+        self.lockspaces[key] = ls
+        self.listener.lockspace_added(ls)
+        return ls
 
     # -- resources ----------------------------------------------------------
 

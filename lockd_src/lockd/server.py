@@ -59,7 +59,7 @@ class LockConn:
     """A connection on the lock socket (libvirt's lockd.so plugin, or QEMU)."""
 
     __slots__ = ("sock", "fd", "id", "pid", "uid", "rbuf", "wbuf", "restricted", "owner",
-                 "own", "connected_at", "mask")
+                 "own", "connected_at", "mask", "skip")
 
     def __init__(self, sock, cid, pid, uid):
         self.sock = sock
@@ -74,6 +74,7 @@ class LockConn:
         self.own = False                        # peer pid == registered owner pid
         self.connected_at = time.time()
         self.mask = EPOLLIN
+        self.skip = 0         # in-band bytes of passed fds still to discard
 
 
 class Server(Listener):
@@ -337,7 +338,14 @@ class Server(Listener):
     def _process(self, c: LockConn, buf: bytes) -> None:
         pos = 0
         end = len(buf)
-        while end - pos >= 4:
+        while end - pos >= 4 or (c.skip and end > pos):
+            if c.skip:
+                # each fd passed with CALL_WITH_FDS comes with one byte of
+                # in-band data after the frame; read() already dropped the fd
+                k = min(c.skip, end - pos)
+                c.skip -= k
+                pos += k
+                continue
             n = _LEN.unpack_from(buf, pos)[0]
             if n < 4 or n > MAX_FRAME:
                 log.debug("client %d: bad frame length %d; closing", c.id, n)
@@ -400,6 +408,17 @@ class Server(Listener):
 
     def dispatch(self, c: LockConn, buf: bytes, pos: int, n: int):
         _, prog, vers, proc, mtype, serial, status = _HDR.unpack_from(buf, pos)
+        body_at = pos + 28
+        if mtype == rpc.CALL_WITH_FDS:
+            # libvirt reads the fd count and the fds before routing the call
+            if n < 32:
+                return _DROP      # "Unable to decode number of FDs"
+            nfds = _LEN.unpack_from(buf, body_at)[0]
+            if nfds > rpc.MESSAGE_NUM_FDS_MAX:
+                return _DROP      # "Received too many FDs"
+            c.skip += nfds
+            body_at += 4
+            mtype = rpc.CALL      # the fds themselves are closed: no procedure takes any
         if prog == PROGRAM and vers == 1:
             if mtype == rpc.CALL:
                 if status != rpc.OK:
@@ -410,7 +429,7 @@ class Server(Listener):
                         err = P.err_unknown_proc(proc)
                     else:
                         try:
-                            handler(c, xdr.Decoder(buf, pos + 28, pos + n))
+                            handler(c, xdr.Decoder(buf, body_at, pos + n))
                             return _HDR.pack(28, prog, vers, proc, rpc.REPLY, serial, rpc.OK)
                         except rpc.RPCError as e:
                             err = e
@@ -418,16 +437,12 @@ class Server(Listener):
                             err = P.err_decode()
                 body = err.encode()
                 return _HDR.pack(28 + len(body), prog, vers, proc, rpc.REPLY, serial, rpc.ERROR) + body
-            if mtype == rpc.CALL_WITH_FDS:
-                return _DROP      # lock procedures take no fds; we cannot stay in sync
             return None           # REPLY/MESSAGE/STREAM...: libvirt sends nothing back
         if prog == KEEPALIVE and vers == rpc.KEEPALIVE_VERSION and mtype == rpc.MESSAGE:
             return PONG if proc == rpc.KEEPALIVE_PING else None
         if mtype == rpc.CALL:
             body = P.err_unknown_program(prog, vers).encode()
             return _HDR.pack(28 + len(body), prog, vers, proc, rpc.REPLY, serial, rpc.ERROR) + body
-        if mtype == rpc.CALL_WITH_FDS:
-            return _DROP
         return None
 
     def drop(self, c: LockConn) -> None:
