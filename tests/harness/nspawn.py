@@ -147,6 +147,7 @@ class Host:
     nspawn_pid: int = 0
     leader_pid: int = 0
     started: float = 0.0
+    cgroup: str = ""
 
     @property
     def root(self) -> Path:
@@ -253,6 +254,42 @@ def _is_mounted(path: Path) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == target for line in f)
+
+
+def _cgroup2_mount() -> str:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            sep = parts.index("-")
+            if parts[sep + 1] == "cgroup2":
+                return parts[4]
+    raise NspawnError("no cgroup2 hierarchy mounted; systemd-nspawn needs one (mount -t cgroup2 none /sys/fs/cgroup/unified)")
+
+
+def _host_cgroup(machine: str) -> str:
+    """A fresh cgroup2 directory for one host, beside our own cgroup.
+
+    Without it every container started from the same cgroup shares one
+    ``<cgroup>/payload`` tree: two hosts' systemd then manage the same
+    ``system.slice/*.service`` cgroups (``systemctl kill`` fails with EIO, and
+    one host sees the other's processes).
+    """
+    own = "/"
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            own = line[3:]
+    parent = Path(_cgroup2_mount() + own.rstrip("/"))
+    path = parent / f"lockd-nspawn-{machine}"
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
+def _remove_cgroup(path: str) -> None:
+    if not path or not os.path.isdir(path):
+        return
+    for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda t: -t[0].count("/")):
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)
 
 
 def _ssh_banner(address: str, timeout: float = 1.0) -> bool:
@@ -413,9 +450,16 @@ class Cluster:
         for path, src in self.run.shares.items():
             cmd.append(f"--bind={src}:{path}")
         env = dict(os.environ, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1")
+        host.cgroup = _host_cgroup(host.machine)
+        procs = os.path.join(host.cgroup, "cgroup.procs")
+
+        def enter_cgroup() -> None:  # runs in the child, before exec
+            with open(procs, "w") as f:
+                f.write("0")
+
         console = open(d / "console.log", "wb")
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True, preexec_fn=enter_cgroup)
         console.close()
         self._popen[host.name] = proc
         host.nspawn_pid = proc.pid
@@ -479,6 +523,9 @@ class Cluster:
             if p.returncode != 0:
                 errors.append(f"bridge {run.bridge}: {p.stderr.strip()}")
         for host in run.hosts.values():
+            _remove_cgroup(host.cgroup)
+            if host.cgroup and os.path.isdir(host.cgroup):
+                errors.append(f"{host.name}: cgroup {host.cgroup} could not be removed (processes left?)")
             if not _is_mounted(host.root):
                 shutil.rmtree(host.dir, ignore_errors=True)
         shutil.rmtree(Path(run.run_dir) / "shared", ignore_errors=True)

@@ -36,7 +36,6 @@ DOMAIN = """<domain type='{type}' xmlns:qemu='http://libvirt.org/schemas/domain/
       {extra}
       <alias name='ua-extra'/>
     </disk>
-    <graphics type='none'/>
     <video><model type='none'/></video>
     <memballoon model='none'/>
   </devices>
