@@ -289,17 +289,24 @@ def _probe_lock(path: str) -> tuple[str, int] | None:
     return ("READ" if l_type == fcntl.F_RDLCK else "WRITE"), l_pid
 
 
-def proc_locks_leases(lockspace_dirs: list[str], daemon_pid: int | None) -> list[dict]:
+def proc_locks_leases(lockspace_dirs: list[str], daemon_pid: int | None, exclude: tuple = ()) -> list[dict]:
     """Leases of a daemon without a lease query, read without changing anything.
 
     1. Byte-0 locks that /proc/locks shows for the daemon pid, named through the
        daemon's open files (/proc/PID/fd): the direct lockspace and lease files.
     2. Files in the lockspace directories whose byte 0 is locked by anyone else
        (F_GETLK), e.g. a lease held by another host on shared storage.
-    Owners are unknown: the C daemon keeps them in memory only.
+    Owners are unknown: the C daemon keeps them in memory only. Files in
+    ``exclude`` (the daemon's pid file, which it also locks) are skipped.
     """
     leases = []
     seen = set()
+    for path in exclude:
+        try:
+            st = os.stat(path)
+            seen.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
     if daemon_pid is not None:
         with open("/proc/locks", encoding="ascii") as handle:
             locks = _parse_proc_locks(handle.read())

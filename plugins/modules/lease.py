@@ -74,9 +74,8 @@ options:
     type: str
   owner_id:
     description:
-      - The libvirt domain id of the owner (C(virsh domid)). Only used with O(state=acquired).
+      - The libvirt domain id of the owner (C(virsh domid), a positive number). Required with O(state=acquired).
     type: int
-    default: 0
   shared:
     description:
       - Take a shared lease instead of an exclusive one (disks marked C(<shareable/>)). Only used with
@@ -166,7 +165,6 @@ from ansible_collections.lockd.virtlockd.plugins.module_utils._lockd_admin impor
 
 
 HINTS = {
-    "owner-alive": "Stop the VM first, or set force=true to take the lease from the running VM.",
     "busy": "Another VM holds this disk: two writers would corrupt it. Find the holder with "
             "lockd.virtlockd.lease_info and stop one of them.",
     "not-found": "List the daemon's lockspaces and leases with lockd.virtlockd.lease_info.",
@@ -228,11 +226,18 @@ def acquire(module: AnsibleModule, client: AdminClient) -> dict:
         },
         dry_run=module.check_mode,
     )
-    lease = result.get("lease") or {}
+    lease = result.get("lease")
+    if lease is None:
+        # A dry run does not build the lease; show what it would look like.
+        owner = {"uuid": params["owner_uuid"], "name": params["owner_name"], "id": params["owner_id"],
+                 "pid": params["owner_pid"], "alive": True}
+        base = before[0] if before else {"lockspace": params["lockspace"], "resource": params["resource"],
+                                         "shared": params["shared"], "owners": []}
+        lease = dict(base, owners=list(base.get("owners", [])) + [owner])
     return {
         "changed": bool(result.get("changed")),
         "lease": lease,
-        "diff": {"before": holders(before), "after": holders([lease] if lease else before)},
+        "diff": {"before": holders(before), "after": holders([lease])},
     }
 
 
@@ -247,13 +252,13 @@ def main() -> None:
             "owner_uuid": {"type": "str"},
             "owner_pid": {"type": "int"},
             "owner_name": {"type": "str"},
-            "owner_id": {"type": "int", "default": 0},
+            "owner_id": {"type": "int"},
             "shared": {"type": "bool", "default": False},
             "autocreate": {"type": "bool", "default": False},
             "force": {"type": "bool", "default": False},
         },
         required_if=[
-            ("state", "acquired", ("resource", "owner_uuid", "owner_name", "owner_pid")),
+            ("state", "acquired", ("resource", "owner_uuid", "owner_name", "owner_id", "owner_pid")),
         ],
         supports_check_mode=True,
     )
@@ -273,6 +278,8 @@ def main() -> None:
                 result = acquire(module, client)
     except AdminError as exc:
         hint = HINTS.get(exc.code, "")
+        if "become" in exc.message or "force" in exc.message:
+            hint = ""  # the daemon's message already says what to do
         module.fail_json(msg=f"{exc.message} {hint}".strip(), error_code=exc.code)
     module.exit_json(**result)
 

@@ -71,6 +71,12 @@ options:
       - The libvirt lockd plugin configuration that names the lockspace directories for the fallback.
     type: path
     default: /etc/libvirt/qemu-lockd.conf
+  pid_file:
+    description:
+      - Pid file of the C C(virtlockd), used in the fallback to find the daemon's locks. If it does not name a
+        running process, the module looks for a process called C(virtlockd).
+    type: path
+    default: /run/virtlockd.pid
 seealso:
   - module: lockd.virtlockd.lease
 """
@@ -215,9 +221,9 @@ def query_fallback(module: AnsibleModule, filters: dict) -> dict:
     dirs = module.params["lockspace_dirs"]
     if dirs is None:
         dirs = read_lockspace_dirs(module.params["qemu_lockd_conf"])
-    pid = find_c_daemon_pid()
+    pid = find_c_daemon_pid(module.params["pid_file"])
     try:
-        leases = proc_locks_leases(dirs, pid)
+        leases = proc_locks_leases(dirs, pid, exclude=(module.params["pid_file"],))
     except OSError as exc:
         module.fail_json(msg=f"cannot read the C virtlockd's locks from /proc: {exc}; run as root (become: true)")
     used_owner_filters = [name for name in OWNER_FILTERS if name in filters]
@@ -251,6 +257,7 @@ def main() -> None:
             "fallback": {"type": "bool", "default": True},
             "lockspace_dirs": {"type": "list", "elements": "path"},
             "qemu_lockd_conf": {"type": "path", "default": "/etc/libvirt/qemu-lockd.conf"},
+            "pid_file": {"type": "path", "default": "/run/virtlockd.pid"},
         },
         supports_check_mode=True,
     )
