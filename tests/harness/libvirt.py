@@ -355,6 +355,14 @@ class LibvirtEnv:
         self._write_lockd_plugin_conf()
         self.restart_libvirtd()
 
+    def set_lock_manager(self, name: str) -> None:
+        """Rewrite qemu.conf's lock_manager ("lockd" or "nop") and restart libvirtd."""
+        if name == self.lock_manager:
+            return
+        self.lock_manager = name
+        (ETC / "qemu.conf").write_text(QEMU_CONF.format(lock_manager=name))
+        self.restart_libvirtd()
+
     def _stop_foreign_daemons(self) -> None:
         """A libvirtd or lock daemon left running (by a crashed run) would use
         stale config and sockets: stop it, loudly."""
