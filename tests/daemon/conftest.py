@@ -1,0 +1,65 @@
+import os
+import subprocess
+import time
+
+import pytest
+
+from lockd.admin import AdminClient
+from lockd.client import LockClient
+from tests.harness.daemons import fake_pid, start_daemon, stand_in_owner
+
+UUID1 = "11111111-1111-4111-8111-111111111111"
+UUID2 = "22222222-2222-4222-8222-222222222222"
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    with start_daemon("py", tmp_path / "d", {"log_level": 2}) as d:
+        yield d
+
+
+@pytest.fixture
+def disk(tmp_path):
+    p = tmp_path / "disk.img"
+    p.write_bytes(b"\0" * 4096)
+    return str(p)
+
+
+@pytest.fixture
+def owner():
+    """A live process we own that may serve as a lock owner (and may be killed)."""
+    p = stand_in_owner()
+    yield p
+    if p.poll() is None:
+        p.kill()
+    p.wait()
+
+
+def client_for(d, uuid, name, pid, oid=1):
+    c = LockClient(str(d.sock), timeout=10)
+    c.register(uuid, name, oid, pid)
+    return c
+
+
+def admin(d):
+    return AdminClient(str(d.admin_sock), timeout=10)
+
+
+def wait_for(pred, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for " + what)
+
+
+def probe_lock(path) -> str:
+    """'busy' or 'free': try the lock on byte 0 from another process."""
+    code = ("import fcntl,os,struct,sys\n"
+            "fd=os.open(sys.argv[1],os.O_RDWR)\n"
+            "try:\n fcntl.fcntl(fd,fcntl.F_SETLK,struct.pack('hhqqi4x',fcntl.F_WRLCK,0,0,1,0)); print('free')\n"
+            "except OSError: print('busy')\n")
+    import sys
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          check=True).stdout.strip()
