@@ -26,11 +26,14 @@ stand-in child you own (`stand_in_owner()`), never the test process.
 """
 from __future__ import annotations
 
+import array
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -113,18 +116,104 @@ def ping(path: str | os.PathLike, timeout: float = 5.0) -> bool:
         return buf == _PONG
 
 
+class NotifyEmulator:
+    """The part of systemd's sd_notify protocol a lock daemon uses, for tests
+    that run without systemd as PID 1 (the real thing is tested on nspawn
+    hosts, tests/systemd): READY=1 / RELOADING=1 / STOPPING=1 are counted,
+    and the file-descriptor store is kept like systemd keeps it -
+    FDSTORE=1 + FDNAME= adds the passed fds, FDSTOREREMOVE=1 + FDNAME= drops
+    them, and every (re)start of the service gets the stored fds back after
+    its sockets, named in LISTEN_FDNAMES. The store lives as long as this
+    object, i.e. across daemon crashes and restarts (like a unit with
+    Restart=, FileDescriptorStoreMax=).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.store: "list[tuple[str, int]]" = []
+        self.messages: "list[str]" = []
+        self.counts: "dict[str, int]" = {}
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="sd-notify-emulator", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        fdsize = array.array("i").itemsize
+        while True:
+            try:
+                msg, anc, _flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(253 * fdsize))
+            except OSError:
+                return
+            fds: list = []
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    a = array.array("i")
+                    a.frombytes(data[:len(data) - (len(data) % fdsize)])
+                    fds.extend(a)
+            text = msg.decode(errors="replace")
+            fields = dict(l.split("=", 1) for l in text.split("\n") if "=" in l)
+            with self._cv:
+                self.messages.append(text)
+                for key in ("READY", "RELOADING", "STOPPING"):
+                    if fields.get(key) == "1":
+                        self.counts[key] = self.counts.get(key, 0) + 1
+                if fields.get("FDSTORE") == "1" and fds:
+                    name = fields.get("FDNAME", "stored")
+                    self.store.extend((name, fd) for fd in fds)
+                    fds = []
+                elif fields.get("FDSTOREREMOVE") == "1":
+                    name = fields.get("FDNAME")
+                    for entry in [e for e in self.store if e[0] == name]:
+                        self.store.remove(entry)
+                        os.close(entry[1])
+                self._cv.notify_all()
+            for fd in fds:      # fds without FDSTORE=1 are closed, like systemd does
+                os.close(fd)
+
+    def count(self, key: str) -> int:
+        with self._cv:
+            return self.counts.get(key, 0)
+
+    def wait_count(self, key: str, n: int, timeout: float = 30.0) -> bool:
+        """Wait until `key`=1 has been received at least `n` times."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self.counts.get(key, 0) >= n, timeout)
+
+    def stored(self) -> "list[tuple[str, int]]":
+        with self._cv:
+            return list(self.store)
+
+    def close(self) -> None:
+        self.sock.close()
+        with self._cv:
+            for _name, fd in self.store:
+                os.close(fd)
+            self.store.clear()
+
+
 class Daemon:
     """One lock daemon process (C or ours) on private sockets in `workdir`."""
 
     def __init__(self, kind: str, workdir: Path, conf: Optional[Mapping[str, object]] = None,
-                 env: Optional[Mapping[str, str]] = None, argv: Optional[Sequence[str]] = None):
+                 env: Optional[Mapping[str, str]] = None, argv: Optional[Sequence[str]] = None,
+                 sock: Optional[Path] = None, admin_sock: Optional[Path] = None,
+                 notify: bool = False):
         if kind not in ("c", "py"):
             raise ValueError(f"kind must be 'c' or 'py', not {kind!r}")
         self.kind = kind
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.sock = self.workdir / "virtlockd-sock"
-        self.admin_sock = self.workdir / "virtlockd-admin-sock"
+        # Socket paths default to private ones in workdir; the libvirt harness
+        # passes the real /run/libvirt paths (the daemon never binds them itself).
+        self.sock = Path(sock) if sock else self.workdir / "virtlockd-sock"
+        self.admin_sock = Path(admin_sock) if admin_sock else self.workdir / "virtlockd-admin-sock"
         self.conf_path = self.workdir / "virtlockd.conf"
         self.pidfile = self.workdir / "virtlockd.pid"
         self.log_path = self.workdir / "daemon.log"
@@ -145,8 +234,12 @@ class Daemon:
         self.conf = full_conf
         self.conf_path.write_text(format_conf(full_conf))
 
+        self.sock.parent.mkdir(parents=True, exist_ok=True)
         self._lock_listener = _bind_unix(self.sock)
         self._admin_listener = _bind_unix(self.admin_sock)
+        # notify=True: NOTIFY_SOCKET + an emulated fd store (see NotifyEmulator)
+        self.notify: Optional[NotifyEmulator] = (
+            NotifyEmulator(self.workdir / "notify.sock") if notify else None)
 
     # -- life cycle -------------------------------------------------------
     def argv(self) -> list[str]:
@@ -160,13 +253,15 @@ class Daemon:
             base = [sys.executable, "-m", "lockd"]
         return base + ["-f", str(self.conf_path), "-p", str(self.pidfile)]
 
-    def _child_env(self, pid: int) -> dict[str, str]:
+    def _child_env(self, pid: int, names: Sequence[str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("LISTEN_") and k != "NOTIFY_SOCKET"}
         env.update(self._extra_env)
-        env["LISTEN_FDS"] = "2"
+        env["LISTEN_FDS"] = str(len(names))
         env["LISTEN_PID"] = str(pid)
-        env["LISTEN_FDNAMES"] = FDNAMES
+        env["LISTEN_FDNAMES"] = ":".join(names)
+        if self.notify is not None:
+            env["NOTIFY_SOCKET"] = str(self.notify.path)
         return env
 
     def spawn(self) -> None:
@@ -174,22 +269,26 @@ class Daemon:
         argv = self.argv()
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.write(log_fd, f"==== harness: start #{self.starts + 1}: {' '.join(argv)}\n".encode())
-        lock_fd, admin_fd = self._lock_listener.fileno(), self._admin_listener.fileno()
+        passed = [(FDNAMES.split(":")[0], self._lock_listener.fileno()),
+                  (FDNAMES.split(":")[1], self._admin_listener.fileno())]
+        if self.notify is not None:
+            passed += self.notify.stored()
+        names = [n for n, _ in passed]
         # Prepare everything before fork(); the child only does async-signal-safe work.
         null_fd = os.open(os.devnull, os.O_RDONLY)
+        high = max([fd for _, fd in passed] + [log_fd, null_fd]) + len(passed) + 3
         pid = os.fork()
         if pid == 0:  # child
             try:
-                env = self._child_env(os.getpid())
-                # Move the sockets out of the way first so dup2 onto 3/4 cannot clobber them.
-                a = os.dup(lock_fd)
-                b = os.dup(admin_fd)
+                env = self._child_env(os.getpid(), names)
+                # Move the fds above every target first so dup2 onto 3.. cannot clobber them.
+                moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, high) for _, fd in passed]
                 os.dup2(null_fd, 0)
                 os.dup2(log_fd, 1)
                 os.dup2(log_fd, 2)
-                os.dup2(a, SD_LISTEN_FDS_START)          # inheritable by default for dup2
-                os.dup2(b, SD_LISTEN_FDS_START + 1)
-                os.closerange(SD_LISTEN_FDS_START + 2, 65536)
+                for i, fd in enumerate(moved):
+                    os.dup2(fd, SD_LISTEN_FDS_START + i)   # dup2 makes it inheritable
+                os.closerange(SD_LISTEN_FDS_START + len(moved), 65536)
                 os.chdir(self.workdir)  # relative resource names resolve here, not in the repo
                 os.setsid()  # own process group: signals to the test runner don't reach it
                 os.execvpe(argv[0], argv, env)
@@ -302,6 +401,8 @@ class Daemon:
         finally:
             for s in (self._lock_listener, self._admin_listener):
                 s.close()
+            if self.notify is not None:
+                self.notify.close()
 
     def __enter__(self) -> "Daemon":
         return self
@@ -340,10 +441,14 @@ class Daemon:
 
 def start_daemon(kind: str, workdir: Path, conf: Optional[Mapping[str, object]] = None,
                  env: Optional[Mapping[str, str]] = None, timeout: float = 20.0,
-                 argv: Optional[Sequence[str]] = None) -> Daemon:
+                 argv: Optional[Sequence[str]] = None, sock: Optional[Path] = None,
+                 admin_sock: Optional[Path] = None, notify: bool = False) -> Daemon:
     """Start a C ('c') or Python ('py') lock daemon on private sockets in `workdir`
-    and return it once it answers a keepalive PING. Use as a context manager."""
-    d = Daemon(kind, workdir, conf, env, argv)
+    and return it once it answers a keepalive PING. Use as a context manager.
+
+    notify=True also gives it NOTIFY_SOCKET and an emulated systemd fd store
+    (NotifyEmulator) that survives daemon crashes and restarts."""
+    d = Daemon(kind, workdir, conf, env, argv, sock, admin_sock, notify)
     try:
         return d.start(timeout)
     except BaseException:
