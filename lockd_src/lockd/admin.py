@@ -350,7 +350,7 @@ def _op_release(server, a: _Args) -> dict:
     force = a.get("force", bool, False)
     dry_run = a.get("dry_run", bool, False)
     a.done()
-    given = [x is not None for x in ((lockspace is not None or resource is not None), owner_uuid, owner_pid)]
+    given = [lockspace is not None or resource is not None, owner_uuid is not None, owner_pid is not None]
     if sum(given) != 1:
         raise AdminError("invalid-argument",
                          "release needs exactly one selector: lockspace+resource, owner_uuid or owner_pid")
