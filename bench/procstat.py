@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""What the kernel says about a process: CPU seconds, RSS, and the locks in
-/proc/locks on a set of files (the kernel's view of the leases)."""
+"""What the kernel says about a process: CPU seconds, RSS, and whether the kernel
+sees a set of files locked (its view of the leases)."""
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 from pathlib import Path
 from typing import Iterable
 
@@ -41,22 +43,26 @@ def fd_count(pid: int) -> int:
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
-def inode_keys(paths: Iterable[str]) -> set:
-    """The 'MAJ:MIN:INODE' keys /proc/locks uses for these files."""
-    keys = set()
-    for p in paths:
-        st = os.stat(p)
-        keys.add("%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
-    return keys
+_FLOCK = struct.Struct("@hhqqi4x")     # struct flock on Linux x86_64/aarch64
 
 
-def locked_count(keys: set) -> int:
-    """How many of the files (by inode key) hold at least one lock right now."""
-    held = set()
-    with open("/proc/locks") as f:
-        for line in f:
-            parts = line.split()
-            # "1: POSIX  ADVISORY  WRITE 123 fe:00:456 0 0" ; blocked waiters have "->"
-            if len(parts) >= 6 and parts[1] != "->" and parts[5] in keys:
-                held.add(parts[5])
-    return len(held)
+def is_locked(path: str) -> bool:
+    """Does any lock (POSIX or OFD, any process) cover byte 0 of `path`?
+
+    Asks the kernel with F_OFD_GETLK for a write lock on byte 0: it reports a
+    conflicting lock of any kind. Opening and closing the file here cannot
+    drop the daemon's locks: POSIX locks only die when their *own* process
+    closes an fd. (Reading /proc/locks instead is not a snapshot: it is read
+    a page at a time while the list changes, so lines get skipped.)
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
+    finally:
+        os.close(fd)
+    return _FLOCK.unpack(res)[0] != fcntl.F_UNLCK
+
+
+def locked_count(paths: Iterable[str]) -> int:
+    """How many of these files are locked right now (the kernel's view of the leases)."""
+    return sum(1 for p in set(paths) if is_locked(p))

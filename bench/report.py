@@ -147,6 +147,20 @@ def build(results: dict, kinds: list) -> Summary:
         elif "py" in kinds:
             err = (results["reexec"].get("py") or [{}])[0].get("error", "no result")
             goals.append(Goal("re-exec serves again", "< 0.5 s", "failed: " + err.splitlines()[0][:60], False))
+    if results.get("limit"):
+        def verdict(kind):
+            runs = results["limit"].get(kind) or []
+            if not runs:
+                return None
+            r = runs[0]
+            return ("answered in %.1f s" % r["seconds"]) if r["answered"] else "no reply (hangs)"
+        any_run = next(iter(results["limit"].values()))[0]
+        rows.append(("limit: max_clients=%d" % any_run["max_clients"],
+                     "client %d gets" % (any_run["max_clients"] + 1), verdict("c"), verdict("py"), None, "", None))
+        if results["limit"].get("py"):
+            r = results["limit"]["py"][0]
+            goals.append(Goal("at max_clients the daemon answers (no hang)", "answers",
+                              r["answer"][:60], r["answered"]))
     lim = default_limits()
     if lim is not None and "py" in kinds:
         goals.append(Goal("default max_clients serves 10,000 VMs", ">= 10,000", str(lim), lim >= 10000))
@@ -297,9 +311,12 @@ def write_docs(results: dict, summary: Summary, out_dir: Path, kinds: list) -> l
            % ("{:,}".format(p["scale_owners"]), p["holder_batch"], p["holder_conns"]),
            "- **reexec**: %s owners × %d leases held; SIGUSR1; we wait until the process has "
            "exec'd (text and stack addresses in `/proc/<pid>/stat` change), then time a REGISTER on a "
-           "new connection. No lease lost = every lease file still locked in `/proc/locks` and a "
+           "new connection. No lease lost = the kernel still reports a lock on every lease file (`F_OFD_GETLK`) and a "
            "conflicting ACQUIRE from another owner is refused for every lease."
            % ("{:,}".format(p["reexec_owners"]), p["leases_per_reexec_owner"]),
+           "- **limit**: a daemon started with `max_clients = %d` holds that many owners; one more "
+           "client connects and sends REGISTER. Does it get an answer within %.0f s, or hang?"
+           % (p["limit_clients"], p["limit_wait"]),
            "", "Owner pids: owners that are closed while holding leases use fake pids above "
            "`/proc/sys/kernel/pid_max`, so the owner-EOF kill loop can never hit a real process; "
            "vmstart's stand-in children are killed and reaped before their connection closes.", "",
@@ -358,7 +375,8 @@ def chart(results: dict, png: Path) -> bool:
         else:
             ax.set_xscale("symlog", linthresh=100)
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if ax.get_lines():
+            ax.legend()
     ax = axes[1][1]
     bars, vals, cols = [], [], []
     for kind in ("c", "py"):

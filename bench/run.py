@@ -44,18 +44,19 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def daemon_conf(p: Params) -> dict:
+def daemon_conf(p: Params, max_clients: Optional[int] = None) -> dict:
     # Same settings for both; C ignores the keys it does not know (state_dir
     # is added by the harness for ours only).
-    return {"max_clients": p.max_clients, "admin_max_clients": 64, "log_level": 3}
+    return {"max_clients": max_clients or p.max_clients, "admin_max_clients": 64, "log_level": 3}
 
 
-def start(kind: str, workdir: Path, tag: str, p: Params):
+def start(kind: str, workdir: Path, tag: str, p: Params, max_clients: Optional[int] = None):
     from tests.harness.daemons import DaemonError, start_daemon
     # PYTHONPATH: ours must import `lockd` even when bench runs outside the venv
     env = {"PYTHONPATH": str(_path.ROOT / "lockd_src")} if kind == "py" else None
     try:
-        d = start_daemon(kind, workdir / ("%s-%s" % (kind, tag)), conf=daemon_conf(p), env=env, timeout=30)
+        d = start_daemon(kind, workdir / ("%s-%s" % (kind, tag)), conf=daemon_conf(p, max_clients), env=env,
+                         timeout=30)
     except DaemonError as exc:
         raise BenchError("%s did not start: %s" % (KINDS[kind], exc)) from None
     log("%s started (pid %d) for %s" % (KINDS[kind], d.pid, tag))
@@ -118,10 +119,11 @@ def run_heavy(kind: str, rnd: int, workdir: Path, p: Params, only: set, out: dic
                 r = {"hang": True, "error": str(exc)}
                 log("%-4s scale FAILED: %s" % (kind, exc))
             else:
-                log("%-4s scale %d owners / %d leases: connected in %.1f s, RSS %.1f -> %.1f MB "
+                log("%-4s scale %d owners / %d leases%s: connected in %.1f s, RSS %.1f -> %.1f MB "
                     "(%.2f kB/owner), %d unanswered"
-                    % (kind, r["owners"], r["leases"], r["connect_s"], r["rss_idle_mb"], r["rss_mb"],
-                       r["kb_per_owner"], r["unanswered"]))
+                    % (kind, r["owners"], r["leases"],
+                       " (shared, on %d files)" % r["files"] if r["shared"] else "",
+                       r["connect_s"], r["rss_idle_mb"], r["rss_mb"], r["kb_per_owner"], r["unanswered"]))
             out.setdefault("scale", {}).setdefault(kind, []).append(r)
         finally:
             d.close()
@@ -142,13 +144,23 @@ def run_heavy(kind: str, rnd: int, workdir: Path, p: Params, only: set, out: dic
             out.setdefault("reexec", {}).setdefault(kind, []).append(r)
         finally:
             d.close()
+    if "limit" in only:
+        d = start(kind, workdir, "limit%d" % rnd, p, max_clients=p.limit_clients)
+        ctx = Ctx(str(d.sock), d.pid, workdir / "disks", p, log)
+        try:
+            r = scenarios.limit(ctx)
+            log("%-4s limit: connection %d with max_clients=%d: %s after %.1f s"
+                % (kind, p.limit_clients + 1, p.limit_clients, r["answer"], r["seconds"]))
+            out.setdefault("limit", {}).setdefault(kind, []).append(r)
+        finally:
+            d.close()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--quick", action="store_true",
                     help="every scenario with tiny counts (under a minute); writes nothing to docs/")
-    ap.add_argument("--only", default="acqrel,vmstart,idle,scale,reexec",
+    ap.add_argument("--only", default="acqrel,vmstart,idle,scale,reexec,limit",
                     help="comma-separated scenarios (default: all)")
     ap.add_argument("--daemons", default="c,py", help="comma-separated: c, py (default: both)")
     ap.add_argument("--rounds", type=int, help="A B A B rounds of acqrel/vmstart/idle")
@@ -161,7 +173,7 @@ def main(argv=None) -> int:
     if args.rounds:
         p.rounds = args.rounds
     only = set(args.only.split(","))
-    unknown = only - {"acqrel", "vmstart", "idle", "scale", "reexec"}
+    unknown = only - {"acqrel", "vmstart", "idle", "scale", "reexec", "limit"}
     kinds = args.daemons.split(",")
     if unknown or not set(kinds) <= set(KINDS):
         ap.error("unknown scenario or daemon: %s" % (sorted(unknown) or kinds))
@@ -197,7 +209,7 @@ def main(argv=None) -> int:
                         log("%s round %d FAILED: %s" % (kind, rnd, exc))
         for rnd in range(1, p.heavy_rounds + 1):
             for kind in kinds:
-                if only & {"scale", "reexec"}:
+                if only & {"scale", "reexec", "limit"}:
                     log("heavy round %d/%d: %s" % (rnd, p.heavy_rounds, KINDS[kind]))
                     try:
                         run_heavy(kind, rnd, workdir, p, only, results)

@@ -27,7 +27,7 @@ class Params:
     acqrel_levels: Sequence[int] = (1, 4, 16, 64)
     acqrel_secs: float = 2.0
     acqrel_workers: int = 2             # client processes; connections are spread over them
-    vmstart_levels: Sequence[int] = (1, 4, 16)
+    vmstart_levels: Sequence[int] = (1, 4, 16, 64)
     vmstart_secs: float = 2.0
     idle_counts: Sequence[int] = (0, 1000, 5000)
     idle_secs: float = 2.0
@@ -37,17 +37,19 @@ class Params:
     holder_batch: int = 250             # connections set up together per holder process
     holder_conns: int = 2_500           # connections per holder process
     warmup: float = 0.3
-    rounds: int = 2                     # A B A B rounds of acqrel/vmstart/idle
+    rounds: int = 3                     # A B A B A B rounds of acqrel/vmstart/idle
     heavy_rounds: int = 1               # rounds of scale/reexec (fresh daemon each)
     timeout: float = 120.0              # a reply later than this counts as a hang
     max_clients: int = 12_000           # both daemons; C's default 1024 hangs at the 1024th VM
+    limit_clients: int = 100            # the limit scenario's max_clients
+    limit_wait: float = 6.0             # how long the client over the limit waits for an answer
 
     @classmethod
     def quick(cls) -> "Params":
         return cls(acqrel_levels=(1, 4), acqrel_secs=0.3, vmstart_levels=(1, 4), vmstart_secs=0.3,
                    idle_counts=(0, 100), idle_secs=0.3, scale_owners=200, reexec_owners=50,
                    holder_batch=50, holder_conns=100, warmup=0.05, rounds=1, heavy_rounds=1,
-                   timeout=30.0)
+                   timeout=30.0, limit_clients=20, limit_wait=4.0)
 
 
 @dataclass
@@ -269,7 +271,7 @@ def scale(ctx: Ctx) -> dict:
         cpu1 = procstat.cpu_seconds(ctx.pid)
         rss1 = procstat.rss_kib(ctx.pid)
         fds = procstat.fd_count(ctx.pid)
-        locked = procstat.locked_count(procstat.inode_keys(files))
+        locked = procstat.locked_count(files)
         lost = 0
         for h in holders:
             h.send(("check",))
@@ -290,10 +292,9 @@ def reexec(ctx: Ctx, daemon) -> dict:
     files = wire.lease_files(ctx.disks, "reexec", n * per)
     scripts = [[wire.register(300_000 + i, ctx.fake_pid + 300_000 + i, 0)]
                + [wire.acquire(files[i * per + j], 1 + j) for j in range(per)] for i in range(n)]
-    keys = procstat.inode_keys(files)
     holders, secs = _open_owners(ctx, scripts, "reexec")
     try:
-        before = procstat.locked_count(keys)
+        before = procstat.locked_count(files)
         marker = procstat.exec_marker(ctx.pid)
         probe_frame = wire.register(399_999, ctx.fake_pid + 399_999, 0)
         t0 = time.monotonic()
@@ -319,7 +320,7 @@ def reexec(ctx: Ctx, daemon) -> dict:
         serving = time.monotonic() - t0
         if not daemon.alive():
             raise BenchError("daemon died after re-exec:\n" + daemon.log_tail())
-        after = procstat.locked_count(keys)
+        after = procstat.locked_count(files)
         lost_conns = 0
         for h in holders:
             h.send(("check",))
@@ -354,3 +355,43 @@ def median_dict(runs: List[dict]) -> dict:
         else:
             out[k] = v
     return out
+
+
+def limit(ctx: Ctx) -> dict:
+    """One connection more than max_clients: does the daemon answer or let it hang?
+
+    The daemon must have been started with max_clients = params.limit_clients.
+    """
+    p = ctx.params
+    n = p.limit_clients
+    scripts = [[wire.register(400_000 + i, ctx.fake_pid + 400_000 + i, 0), wire.restrict(1)] for i in range(n)]
+    holders, _ = _open_owners(ctx, scripts, "limit")
+    try:
+        t0 = time.monotonic()
+        try:
+            s = wire.connect(ctx.sock, p.limit_wait)
+        except OSError as exc:
+            return {"max_clients": n, "answered": True, "seconds": time.monotonic() - t0,
+                    "answer": "connect refused: %s" % exc}
+        try:
+            s.settimeout(p.limit_wait)
+            s.sendall(wire.register(499_999, ctx.fake_pid + 499_999, 0))
+            try:
+                reply = wire.recv_frame(s)
+                answer = "OK (served)" if reply == wire.ok_reply(wire.register(0, 1, 0)) \
+                    else wire.describe_reply(reply)
+                answered = True
+            except BenchError as exc:
+                answer, answered = "connection closed (%s)" % exc, True
+            except (socket_timeout(), OSError):
+                answer, answered = "no reply within %.0f s (hang)" % p.limit_wait, False
+        finally:
+            s.close()
+        return {"max_clients": n, "answered": answered, "seconds": time.monotonic() - t0, "answer": answer}
+    finally:
+        close_owners(holders)
+
+
+def socket_timeout():
+    import socket
+    return socket.timeout

@@ -136,11 +136,12 @@ def call_ok(s: socket.socket, frame: bytes, what: str = "") -> None:
 
 
 def run_rounds(socks: Sequence[socket.socket], scripts: Sequence[Sequence[bytes]],
-               timeout: float, expect_busy: bool = False) -> list:
+               timeout: float, expected: Optional[Sequence[Sequence[bytes]]] = None) -> list:
     """Pipeline short call sequences over many connections.
 
     scripts[i] is the list of frames for socks[i]. Round r sends frame r on
-    every connection that has one, then collects every reply (the daemons
+    every connection that has one, then collects every reply (expected[i][r],
+    default the plain OK reply to the call; the daemons
     answer one call per connection at a time, so this keeps the whole batch in
     flight, the way many VMs starting together would). Returns the list of
     (conn index, frame, reply) that were not the plain OK reply. Raises
@@ -177,7 +178,8 @@ def run_rounds(socks: Sequence[socket.socket], scripts: Sequence[Sequence[bytes]
                     buf = st[1]
                     if len(buf) >= 4 and len(buf) >= _LEN.unpack_from(buf, 0)[0]:
                         frame = scripts[i][r]
-                        if buf != ok_reply(frame):
+                        want = expected[i][r] if expected is not None else ok_reply(frame)
+                        if buf != want:
                             bad.append((i, frame, buf))
                         ep.unregister(fd)
                         del pending[fd]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = ("acqrel", "vmstart", "idle", "scale", "reexec")
+SCENARIOS = ("acqrel", "vmstart", "idle", "scale", "reexec", "limit")
 
 pytestmark = [pytest.mark.c_daemon]
 
@@ -69,7 +69,11 @@ def test_every_scenario_measured_both_daemons(quick_run):
         # the prober must have been refused on every lease: otherwise the
         # harness's lease check (or the daemon) is broken
         assert reexec["probe_busy"] == reexec["leases"], reexec
+        # the kernel-side check must see every lease locked before the re-exec
+        assert reexec["locked_before"] == reexec["leases"], reexec
         assert reexec["lost_leases"] == 0, reexec
+        limit = results["limit"][kind][0]
+        assert limit["max_clients"] > 0 and limit["answer"], limit
 
 
 def test_report_written(quick_run):
