@@ -26,6 +26,12 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
     return ticks / CLK_TCK
 
 
+def cpu_split(pid: int) -> tuple:
+    """(user seconds, system seconds) of every thread of `pid`."""
+    f = _stat_fields(pid)
+    return int(f[11]) / CLK_TCK, int(f[12]) / CLK_TCK
+
+
 def exec_marker(pid: int) -> tuple:
     """(startcode, startstack): both are re-randomised by every execve()."""
     f = _stat_fields(pid)

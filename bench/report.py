@@ -95,6 +95,7 @@ def build(results: dict, kinds: list) -> Summary:
         row(sec, "p50 us/RPC", *g("p50_us"))
         row(sec, "p99 us/RPC", *g("p99_us"), "<= 1.0x", lambda r: r <= 1.0)
         row(sec, "daemon CPU us/RPC", *g("cpu_us_rpc"))
+        row(sec, "  of which user space", *g("user_us_rpc"))
         row(sec, "client CPU cores", *g("client_cores"))
     for lvl in sorted(results.get("vmstart", {}), key=int):
         c, o = _med(results, "vmstart", lvl, "c"), _med(results, "vmstart", lvl, "py")

@@ -98,10 +98,10 @@ def _timed(ctx: Ctx, workers: List[Worker], secs: float) -> dict:
         for w in workers:
             w.send(("go", int(start * 1e9), int(end * 1e9), int((end + p.timeout) * 1e9)))
         _sleep_until(start)
-        d0 = procstat.cpu_seconds(ctx.pid)
+        u0, s0 = procstat.cpu_split(ctx.pid)
         c0 = sum(w.cpu() for w in workers)
         _sleep_until(end)
-        d1 = procstat.cpu_seconds(ctx.pid)
+        u1, s1 = procstat.cpu_split(ctx.pid)
         c1 = sum(w.cpu() for w in workers)
         results = [w.recv(timeout=p.timeout + secs, expect="done")[1] for w in workers]
         for w in workers:
@@ -115,7 +115,8 @@ def _timed(ctx: Ctx, workers: List[Worker], secs: float) -> dict:
     errors = [e for r in results for e in r.get("errors", [])]
     if errors:
         raise BenchError("%d bad replies, first: %s" % (len(errors), errors[0]))
-    return {"secs": secs, "daemon_cpu": d1 - d0, "client_cpu": c1 - c0, "results": results}
+    return {"secs": secs, "daemon_cpu": (u1 - u0) + (s1 - s0), "daemon_user": u1 - u0,
+            "client_cpu": c1 - c0, "results": results}
 
 
 # ---------------------------------------------------------------------------
@@ -136,6 +137,7 @@ def acqrel(ctx: Ctx, clients: int) -> dict:
         "p50_us": _pct(lat, 0.50) / 1e3,
         "p99_us": _pct(lat, 0.99) / 1e3,
         "cpu_us_rpc": run["daemon_cpu"] / ops * 1e6,
+        "user_us_rpc": run["daemon_user"] / ops * 1e6,
         "daemon_cores": run["daemon_cpu"] / p.acqrel_secs,
         "client_cores": run["client_cpu"] / p.acqrel_secs,
         "rpcs": ops,
@@ -231,6 +233,7 @@ def idle(ctx: Ctx) -> dict:
                 raise BenchError("no operation completed with %d idle owners" % n)
             out[str(n)] = {"pairs_s": ops / 2 / p.idle_secs, "p50_us": _pct(lat, 0.5) / 1e3,
                       "p99_us": _pct(lat, 0.99) / 1e3, "cpu_us_rpc": run["daemon_cpu"] / ops * 1e6,
+                      "user_us_rpc": run["daemon_user"] / ops * 1e6,
                       "client_cores": run["client_cpu"] / p.idle_secs, "rpcs": ops}
     finally:
         close_owners(holders)
