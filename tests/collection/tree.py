@@ -9,6 +9,7 @@ tests. Run ``python -m tests.collection.tree`` to refresh it by hand.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,6 +40,11 @@ def prepare() -> Path:
             shutil.copytree(src, TREE / name, ignore=IGNORE)
         elif src.exists():
             shutil.copy2(src, TREE / name)
+    # The tree sits in the project's git work tree, where it is ignored, and
+    # ansible-test lists content with git: without a repository of its own it
+    # would see no files at all ("All targets skipped").
+    (TREE / ".gitignore").write_text("/tests/output/\n")
+    subprocess.run(["git", "init", "-q", str(TREE)], check=True)
     return TREE
 
 
