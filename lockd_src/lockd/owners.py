@@ -14,12 +14,19 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Optional
 
-PID_MAX_SANE = 1 << 22   # /proc/sys/kernel/pid_max can not exceed this
+def _pid_max() -> int:
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 22   # the kernel's upper bound
+
+PID_MAX = _pid_max()     # no process can have a larger pid: skip /proc and pidfd for those
 
 
 def start_time(pid: int) -> Optional[int]:
     """Start time of ``pid`` in clock ticks since boot, or None if it is gone."""
-    if pid <= 0 or pid > PID_MAX_SANE:
+    if pid <= 0 or pid > PID_MAX:
         return None
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
@@ -51,7 +58,7 @@ def alive(pid: int, started: Optional[int]) -> bool:
 
 
 def pidfd_open(pid: int) -> Optional[int]:
-    if pid <= 0 or pid > PID_MAX_SANE or not hasattr(os, "pidfd_open"):
+    if pid <= 0 or pid > PID_MAX or not hasattr(os, "pidfd_open"):
         return None
     try:
         fd = os.pidfd_open(pid)
@@ -73,6 +80,7 @@ class OwnerInfo:
     connected: int = 0               # number of its own (peer pid == owner pid) connections
     pidfd: Optional[int] = None      # watched when no own connection exists
     first_seen: float = field(default_factory=time.time)
+    journaled: bool = False          # an "own" record is in the current journal
 
     @property
     def uuid_str(self) -> str:

@@ -6,9 +6,12 @@ frame. Error helpers reproduce virtlockd's exact tuples (spec section 3).
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from . import rpc, xdr
+
+_U32 = struct.Struct(">I")
 
 PROGRAM = 0x0EA7BEEF
 PROGRAM_VERSION = 1
@@ -97,9 +100,24 @@ def decode_new(d: xdr.Decoder):
 
 
 def decode_resource(d: xdr.Decoder) -> ResourceArgs:
-    path = _nn_string(d)
-    name = _nn_string(d)
-    return ResourceArgs(path, name, d.u32())
+    # the hot path (ACQUIRE/RELEASE): inlined XDR for path, name and flags
+    buf, pos, end = d.buf, d.pos, d.end
+    out = []
+    for _ in (0, 1):
+        if pos + 4 > end:
+            raise xdr.XDRError("short buffer at offset %d" % pos)
+        n = _U32.unpack_from(buf, pos)[0]
+        if n > STRING_MAX:
+            raise xdr.XDRError("string length %d exceeds maximum %d" % (n, STRING_MAX))
+        start = pos + 4
+        pos = start + n + (-n & 3)
+        if pos > end:
+            raise xdr.XDRError("short buffer at offset %d" % start)
+        out.append(buf[start:start + n].decode("utf-8", "surrogateescape"))
+    if pos + 4 > end:
+        raise xdr.XDRError("short buffer at offset %d" % pos)
+    d.pos = pos + 4
+    return ResourceArgs(out[0], out[1], _U32.unpack_from(buf, pos)[0])
 
 
 def decode_create_lockspace(d: xdr.Decoder) -> str:

@@ -48,6 +48,7 @@ PONG = rpc.encode_frame(KEEPALIVE, rpc.KEEPALIVE_VERSION, rpc.KEEPALIVE_PONG, rp
 # (spec 4.6): SIGTERM now, SIGKILL after 1.6 s, give up after 3 s.
 KILL_AFTER = 1.6
 GIVE_UP_AFTER = 3.0
+OWNER_SWEEP = 60.0           # forget owners without leases or connections this often
 
 
 def peer_cred(sock: socket.socket):
@@ -114,6 +115,8 @@ class Server(Listener):
         self.idle_timeout = 0
         self._idle_since = time.monotonic()
         self._wakeup_r = None
+        self.live = 0            # journal entries that a snapshot would hold
+        self.call_later(OWNER_SWEEP, self._sweep_owners)
         self.procs = {
             P.PROC_REGISTER: self._register,
             P.PROC_RESTRICT: self._restrict,
@@ -515,8 +518,11 @@ class Server(Listener):
 
     def _acquire(self, c: LockConn, d: xdr.Decoder) -> None:
         ls, a = self._resource_call(c, d, P.PROC_ACQUIRE_RESOURCE)
-        self._owner_info(c.owner)
-        self.locks.acquire(ls, a.name, c.owner.pid, a.flags)
+        pid = c.owner.pid
+        info = self._owner_info(c.owner)
+        if not info.connected and pid not in self.owner_leases:
+            info.start_time = own.start_time(pid)   # the pid may have been reused meanwhile
+        self.locks.acquire(ls, a.name, pid, a.flags)
 
     def _release(self, c: LockConn, d: xdr.Decoder) -> None:
         ls, a = self._resource_call(c, d, P.PROC_RELEASE_RESOURCE)
@@ -539,13 +545,21 @@ class Server(Listener):
             self.owners[owner.pid] = info
             if self.journal is not None and self.owner_leases.get(owner.pid):
                 self.journal.append(dict(info.to_json(), t="own"))
+                info.journaled = True
         return info
 
     def _forget_owner_if_idle(self, pid: int) -> None:
+        # the record itself is kept for a while (cheap re-use by the next
+        # lease of the same owner) and dropped by _sweep_owners
         info = self.owners.get(pid)
         if info is not None and not info.connected and not self.owner_leases.get(pid):
+            self._unwatch(pid)
+
+    def _sweep_owners(self) -> None:
+        for pid in [p for p, i in self.owners.items() if not i.connected and p not in self.owner_leases]:
             del self.owners[pid]
             self._unwatch(pid)
+        self.call_later(OWNER_SWEEP, self._sweep_owners)
 
     def _own_conn_closed(self, pid: int, release: bool = True) -> None:
         info = self.owners.get(pid)
@@ -626,6 +640,7 @@ class Server(Listener):
     # -- persistence hooks (Listener) ------------------------------------------------------
 
     def lockspace_added(self, ls) -> None:
+        self.live += 1
         if self.journal is not None:
             self.journal.append({"t": "ls", "key": ls.key})
 
@@ -637,16 +652,18 @@ class Server(Listener):
             self.owner_leases.pop(owner, None)
 
     def _journal_acq(self, res: Resource, owner: int) -> None:
-        if self.journal is None:
+        self.live += 1
+        j = self.journal
+        if j is None:
             return
-        if self.owner_leases.get(owner) == 1:
-            info = self.owners.get(owner)
-            if info is not None:
-                self.journal.append(dict(info.to_json(), t="own"))
-        self.journal.append({"t": "acq", "ls": res.lockspace.key, "name": res.name, "path": res.path,
-                             "flags": res.flags, "owner": owner, "since": res.since.get(owner, 0.0),
-                             "fdname": res.fdname, "dev": res.dev, "ino": res.ino})
-        self._maybe_compact()
+        info = self.owners.get(owner)
+        if info is not None and not info.journaled:
+            j.append(dict(info.to_json(), t="own"))
+            info.journaled = True
+        j.acq(res.lockspace.key, res.name, res.path, res.flags, owner, res.since.get(owner, 0.0),
+              res.fdname, res.dev, res.ino)
+        if j.lines > 2 * self.live + 4096:
+            self.compact()
 
     def resource_added(self, res: Resource, owner: int) -> None:
         self.fd_seq += 1
@@ -671,30 +688,22 @@ class Server(Listener):
 
     def owner_removed(self, res: Resource, owner: int, count: int) -> None:
         self._count_lease(owner, -count)
-        if self.journal is not None:
-            self.journal.append({"t": "rel", "ls": res.lockspace.key, "name": res.name, "owner": owner,
-                                 "all": True})
+        self.live -= count
+        if self.journal is not None and res.owners:
+            # (when the last owner goes, the "gone" record that follows says it all)
+            self.journal.rel(res.lockspace.key, res.name, owner)
 
     def resource_removed(self, res: Resource) -> None:
         if self.fdstore and res.fdname:
             self.notifier.fdstore_remove(res.fdname)
         if self.journal is not None:
-            self.journal.append({"t": "gone", "ls": res.lockspace.key, "name": res.name})
-            self._maybe_compact()
-
-    def _maybe_compact(self) -> None:
-        live = self.journal_live_count()
-        if self.journal.lines > 2 * live + 1000:
-            self.compact()
-
-    def journal_live_count(self) -> int:
-        return sum(len(r.owners) for r in self.locks.resources()) + len(self.locks.lockspaces)
+            self.journal.gone(res.lockspace.key, res.name)
 
     def snapshot_records(self) -> List[dict]:
         recs: List[dict] = [{"t": "ls", "key": k} for k in self.locks.lockspaces if k]
-        for pid in self.owner_leases:
-            info = self.owners.get(pid)
-            if info is not None:
+        for pid, info in self.owners.items():
+            info.journaled = pid in self.owner_leases
+            if info.journaled:
                 recs.append(dict(info.to_json(), t="own"))
         for res in self.locks.resources():
             for owner in res.owners:
@@ -702,6 +711,7 @@ class Server(Listener):
                              "flags": res.flags, "owner": owner, "since": res.since.get(owner, 0.0),
                              "fdname": res.fdname, "dev": res.dev, "ino": res.ino})
         recs.append({"t": "seq", "fdseq": self.fd_seq})
+        self.live = len(recs) - 1
         return recs
 
     def compact(self) -> None:

@@ -180,7 +180,7 @@ def test_non_root_peer_is_refused(daemon, which):
     path = str(daemon.sock if which == "lock" else daemon.admin_sock)
     code = ("import os,socket,sys\nos.setgid(65534); os.setuid(65534)\n"
             "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-            "s.sendall(bytes.fromhex(sys.argv[2])); s.settimeout(5)\n"
+            "s.settimeout(5)\ntry:\n s.sendall(bytes.fromhex(sys.argv[2]))\nexcept (BrokenPipeError, ConnectionResetError):\n print('EOF'); sys.exit(0)\n"
             "d=b''\ntry:\n while True:\n  c=s.recv(4096)\n  if not c: break\n  d+=c\nexcept ConnectionResetError: pass\n"
             "print(d.decode(errors='replace') if d else 'EOF')\n")
     ping = "0000001c6b656570000000010000000100000002000000000000000"+"0"
