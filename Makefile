@@ -79,7 +79,18 @@ bench: deps venv
 
 
 # --- lint: ansible-lint, antsibull-docs (collection) ---
+# Both run inside pytest (tests/collection/test_static.py), so `make test` runs them too.
+.PHONY: lint
+lint: venv
+	$(RUN) $(VENV_BIN)/python -m pytest tests/collection/test_static.py -k "lint or defaults or unit_files" $(PYTEST_ARGS)
 
 # --- sanity: ansible-test sanity tree under ansible_collections/ (collection) ---
+# Prepares ansible_collections/lockd/virtlockd and runs ansible-test sanity --python 3.11
+# (pinned per-test venvs cached in .cache/ansible-test-home), plus build/install/ansible-doc.
+.PHONY: sanity test-collection
+sanity: venv
+	$(RUN) $(VENV_BIN)/python -m pytest tests/collection/test_static.py -k "sanity or build" $(PYTEST_ARGS)
+test-collection: venv
+	$(RUN) $(VENV_BIN)/python -m pytest tests/collection tests/conformance $(PYTEST_ARGS)
 
 # --- rootfs / molecule (hosts) ---
