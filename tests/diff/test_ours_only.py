@@ -8,15 +8,13 @@ through its lock plugin.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from lockd import protocol as P
 from lockd import rpc
 from tests.diff.test_owner_eof import until_acquired
-from tests.harness.wire import UUID_A, UUID_B, describe, error_of
+from tests.harness.wire import UUID_A, UUID_B, describe, error_of, probe_setlk
 
 SHARED = P.ACQUIRE_SHARED
 pytestmark = pytest.mark.c_daemon
@@ -31,18 +29,6 @@ def is_ok(out) -> bool:
 def is_busy(out) -> bool:
     e = error_of(out)
     return e is not None and e.code == rpc.ERR_RESOURCE_BUSY and e.message.endswith("is locked")
-
-
-def probe_setlk(path: str) -> str:
-    """Another process tries F_SETLK (write, byte 0, len 1, non-blocking) on
-    `path`, the way a second host or a second daemon would. 'locked' means
-    the kernel lock is held by someone."""
-    code = ("import fcntl,os,sys\n"
-            "fd=os.open(sys.argv[1],os.O_RDWR)\n"
-            "try:\n fcntl.lockf(fd,fcntl.LOCK_EX|fcntl.LOCK_NB,1,0,0); print('free')\n"
-            "except OSError: print('locked')\n")
-    return subprocess.run([sys.executable, "-c", code, path], capture_output=True,
-                          text=True, timeout=30, check=True).stdout.strip()
 
 
 def test_release_all_for_owner_removes_every_entry(on_daemon):

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from tests.harness import require, require_root
-from tests.harness.libvirt import LibvirtEnv
+from tests.harness.libvirt import shared_env
 
 
 @pytest.fixture(scope="session")
@@ -17,19 +17,19 @@ def libvirt_env():
     require_root()
     for tool in ("/usr/sbin/libvirtd", "/usr/bin/virsh", "/usr/bin/qemu-system-x86_64"):
         require(os.access(tool, os.X_OK), f"{tool} (scripts/install-deps.sh)")
-    env = LibvirtEnv(lock_daemon="py")
-    env.setup()
-    yield env
-    env.teardown()
+    # Torn down at session end (tests/conftest.py) or when another suite
+    # needs different settings.
+    return shared_env(lock_daemon="py")
 
 
 @pytest.fixture
 def lv(libvirt_env):
     """The session's environment, reset to: every domain shut off, direct mode,
     lock_manager = "lockd", lock daemon running."""
-    env = libvirt_env
+    # shared_env() again: another suite may have swapped the environment.
+    env = shared_env(lock_daemon="py")
     env.stop_all_domains()
-    if env.lockd_proc is None or env.lockd_proc.poll() is not None:
+    if not env.lock_daemon_alive():
         env.start_lock_daemon()
     env.set_lock_manager("lockd")
     env.set_indirect(False)

@@ -128,7 +128,8 @@ class NotifyEmulator:
     Restart=, FileDescriptorStoreMax=).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_fds: bool = True):
+        self.keep_fds = keep_fds   # False: a unit with FileDescriptorStoreMax=0 (fds dropped)
         self.path = Path(path)
         try:
             self.path.unlink()
@@ -164,7 +165,7 @@ class NotifyEmulator:
                 for key in ("READY", "RELOADING", "STOPPING"):
                     if fields.get(key) == "1":
                         self.counts[key] = self.counts.get(key, 0) + 1
-                if fields.get("FDSTORE") == "1" and fds:
+                if fields.get("FDSTORE") == "1" and fds and self.keep_fds:
                     name = fields.get("FDNAME", "stored")
                     self.store.extend((name, fd) for fd in fds)
                     fds = []
@@ -204,7 +205,7 @@ class Daemon:
     def __init__(self, kind: str, workdir: Path, conf: Optional[Mapping[str, object]] = None,
                  env: Optional[Mapping[str, str]] = None, argv: Optional[Sequence[str]] = None,
                  sock: Optional[Path] = None, admin_sock: Optional[Path] = None,
-                 notify: bool = False):
+                 notify: bool = False, fdstore: bool = True):
         if kind not in ("c", "py"):
             raise ValueError(f"kind must be 'c' or 'py', not {kind!r}")
         self.kind = kind
@@ -239,7 +240,7 @@ class Daemon:
         self._admin_listener = _bind_unix(self.admin_sock)
         # notify=True: NOTIFY_SOCKET + an emulated fd store (see NotifyEmulator)
         self.notify: Optional[NotifyEmulator] = (
-            NotifyEmulator(self.workdir / "notify.sock") if notify else None)
+            NotifyEmulator(self.workdir / "notify.sock", keep_fds=fdstore) if notify else None)
 
     # -- life cycle -------------------------------------------------------
     def argv(self) -> list[str]:
@@ -343,6 +344,11 @@ class Daemon:
     def start(self, timeout: float = 20.0) -> "Daemon":
         self.spawn()
         self.wait_ready(timeout)
+        if self.notify is not None:
+            # Both daemons send READY=1 once per start; wait for it so callers
+            # can count later READYs (re-exec) without racing this one.
+            if not self.notify.wait_count("READY", self.starts, timeout):
+                raise DaemonError(f"{self.kind} daemon serves but sent no READY=1:\n{self.log_tail()}")
         return self
 
     def restart(self, timeout: float = 20.0) -> "Daemon":
@@ -442,13 +448,15 @@ class Daemon:
 def start_daemon(kind: str, workdir: Path, conf: Optional[Mapping[str, object]] = None,
                  env: Optional[Mapping[str, str]] = None, timeout: float = 20.0,
                  argv: Optional[Sequence[str]] = None, sock: Optional[Path] = None,
-                 admin_sock: Optional[Path] = None, notify: bool = False) -> Daemon:
+                 admin_sock: Optional[Path] = None, notify: bool = False,
+                 fdstore: bool = True) -> Daemon:
     """Start a C ('c') or Python ('py') lock daemon on private sockets in `workdir`
     and return it once it answers a keepalive PING. Use as a context manager.
 
     notify=True also gives it NOTIFY_SOCKET and an emulated systemd fd store
-    (NotifyEmulator) that survives daemon crashes and restarts."""
-    d = Daemon(kind, workdir, conf, env, argv, sock, admin_sock, notify)
+    (NotifyEmulator) that survives daemon crashes and restarts; fdstore=False
+    keeps NOTIFY_SOCKET (READY=1 counting) but drops stored fds."""
+    d = Daemon(kind, workdir, conf, env, argv, sock, admin_sock, notify, fdstore)
     try:
         return d.start(timeout)
     except BaseException:

@@ -114,7 +114,13 @@ class HarnessError(RuntimeError):
 class LibvirtEnv:
     def __init__(self, lock_daemon: str = "py", workdir: Path | None = None, kvm: bool = False,
                  lock_manager: str = "lockd", daemon_argv: Optional[List[str]] = None,
-                 lockd_conf: Optional[Dict[str, object]] = None):
+                 lockd_conf: Optional[Dict[str, object]] = None, supervised: bool = False,
+                 notify: bool = False):
+        """supervised=False: the lock daemon binds the default socket paths itself
+        (as `virtlockd` run by hand). supervised=True: the harness binds them and
+        socket-activates the daemon like systemd (tests.harness.daemons.Daemon),
+        keeping the sockets across daemon crashes; notify=True adds NOTIFY_SOCKET
+        and an emulated systemd fd store."""
         if lock_daemon not in ("py", "c"):
             raise ValueError("lock_daemon must be 'py' or 'c'")
         self.lock_daemon = lock_daemon
@@ -125,6 +131,9 @@ class LibvirtEnv:
         self.daemon_argv = daemon_argv
         self.lockd_conf = dict(lockd_conf or {})
         self.lockd_proc: Optional[subprocess.Popen] = None
+        self.supervised = supervised
+        self.notify = notify
+        self.daemon = None   # tests.harness.daemons.Daemon when supervised
         self.lockd_log = LOG_DIR / "lockd-harness-daemon.log"
         self.libvirtd_log = LOG_DIR / "libvirtd-harness.log"
         self.indirect = False
@@ -152,6 +161,10 @@ class LibvirtEnv:
         return self
 
     def _take_host_lock(self) -> None:
+        global _HOLDER
+        if _HOLDER is not None and _HOLDER is not self:
+            raise HarnessError("another LibvirtEnv is active in this process: use shared_env() "
+                               "or tear the other one down first")
         Path(HOST_LOCK).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(HOST_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -160,6 +173,7 @@ class LibvirtEnv:
             log(f"another harness holds {HOST_LOCK}; waiting for it")
             fcntl.flock(fd, fcntl.LOCK_EX)
         self._host_lock_fd = fd
+        _HOLDER = self
 
     def _check_prereqs(self) -> None:
         missing = [p for p in ("/usr/sbin/libvirtd", "/usr/bin/virsh", "/usr/bin/qemu-system-x86_64",
@@ -243,6 +257,8 @@ class LibvirtEnv:
         if fresh_state:
             with contextlib.suppress(FileNotFoundError):
                 Path("/run/virtlockd-restart-exec.json").unlink()
+        if self.supervised:
+            return self._start_supervised(timeout)
         env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_") and k != "NOTIFY_SOCKET"}
         argv = self.lock_daemon_argv()
         with open(self.lockd_log, "ab") as logf:
@@ -259,6 +275,22 @@ class LibvirtEnv:
             time.sleep(0.02)
         raise HarnessError(f"lock daemon not answering on {LOCK_SOCK}:\n{self.lockd_log_tail()}")
 
+    def _start_supervised(self, timeout: float) -> int:
+        from tests.harness.daemons import Daemon
+        if self.daemon is None:
+            ddir = self.workdir / f"lockd-{self.lock_daemon}"
+            if ddir.exists():       # no journal/state from an earlier env in this run
+                shutil.rmtree(ddir)
+            conf = {"log_outputs": f"3:file:{self.lockd_log}"} if self.lock_daemon == "py" else {}
+            conf.update(self.lockd_conf)
+            self.daemon = Daemon(self.lock_daemon, self.workdir / f"lockd-{self.lock_daemon}", conf,
+                                 argv=self.daemon_argv, sock=LOCK_SOCK, admin_sock=ADMIN_SOCK,
+                                 notify=self.notify)
+        if self.daemon.alive():
+            raise HarnessError("lock daemon already running")
+        self.daemon.start(timeout)
+        return self.daemon.pid
+
     def _lock_socket_answers(self) -> bool:
         from tests.harness.daemons import ping
         try:
@@ -268,15 +300,30 @@ class LibvirtEnv:
 
     @property
     def lockd_pid(self) -> int:
+        if self.supervised:
+            if self.daemon is None or not self.daemon.alive():
+                raise HarnessError("lock daemon not running")
+            return self.daemon.pid
         if self.lockd_proc is None or self.lockd_proc.poll() is not None:
             raise HarnessError("lock daemon not running")
         return self.lockd_proc.pid
 
+    def lock_daemon_alive(self) -> bool:
+        if self.supervised:
+            return self.daemon is not None and self.daemon.alive()
+        return self.lockd_proc is not None and self.lockd_proc.poll() is None
+
     def signal_lock_daemon(self, sig: int) -> None:
+        if self.supervised:
+            if self.daemon is not None:
+                self.daemon.kill(sig)
+            return
         if self.lockd_proc is not None and self.lockd_proc.poll() is None:
             os.kill(self.lockd_proc.pid, sig)
 
     def wait_lock_daemon_exit(self, timeout: float = 15.0) -> Optional[int]:
+        if self.supervised:
+            return None if self.daemon is None else self.daemon.wait(timeout)
         if self.lockd_proc is None:
             return None
         try:
@@ -285,6 +332,8 @@ class LibvirtEnv:
             return None
 
     def stop_lock_daemon(self, timeout: float = 15.0) -> Optional[int]:
+        if self.supervised:
+            return None if self.daemon is None else self.daemon.stop(timeout)
         if self.lockd_proc is None:
             return None
         if self.lockd_proc.poll() is None:
@@ -505,6 +554,7 @@ class LibvirtEnv:
             ("undefine domains", self._undefine_all),
             ("stop libvirtd", self.stop_libvirtd),
             ("stop lock daemon", self.stop_lock_daemon),
+            ("close supervised sockets", self._close_supervised),
             ("restore configs", self._restore_configs),
             ("remove images", self._remove_created),
         ]
@@ -513,11 +563,19 @@ class LibvirtEnv:
                 fn()
             except Exception as exc:  # noqa: BLE001 - keep tearing down
                 errors.append(f"{what}: {exc}")
+        global _HOLDER
         if self._host_lock_fd is not None:
             os.close(self._host_lock_fd)
             self._host_lock_fd = None
+        if _HOLDER is self:
+            _HOLDER = None
         if errors:
             log("teardown problems: " + "; ".join(errors))
+
+    def _close_supervised(self) -> None:
+        if self.daemon is not None:
+            self.daemon.close()
+            self.daemon = None
 
     def _undefine_all(self) -> None:
         if not _pid_from(LIBVIRTD_PIDFILE):
@@ -540,6 +598,36 @@ class LibvirtEnv:
 
     def __exit__(self, *exc) -> None:
         self.teardown()
+
+
+_HOLDER: Optional[LibvirtEnv] = None
+_SHARED: Optional[LibvirtEnv] = None
+_SHARED_KEY: Optional[tuple] = None
+
+
+def shared_env(**kwargs) -> LibvirtEnv:
+    """The process-wide LibvirtEnv with these settings, set up on first use.
+
+    Only one environment can drive the host's libvirt at a time, so asking
+    for different settings tears the current one down first. Test suites
+    (e2e, reliability) share it this way; `release_shared_env()` at session end.
+    """
+    global _SHARED, _SHARED_KEY
+    key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+    if _SHARED is not None and _SHARED_KEY == key:
+        return _SHARED
+    release_shared_env()
+    env = LibvirtEnv(**kwargs)
+    env.setup()
+    _SHARED, _SHARED_KEY = env, key
+    return env
+
+
+def release_shared_env() -> None:
+    global _SHARED, _SHARED_KEY
+    if _SHARED is not None:
+        env, _SHARED, _SHARED_KEY = _SHARED, None, None
+        env.teardown()
 
 
 def _pid_from(pidfile: Path) -> int:

@@ -97,8 +97,10 @@ class Conn:
     def __init__(self, path: Union[str, os.PathLike], timeout: float = 15.0):
         self.path = str(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
+        # Blocking connect: with a timeout set, an AF_UNIX connect to a full
+        # listen backlog fails at once with EAGAIN instead of waiting its turn.
         self.sock.connect(self.path)
+        self.sock.settimeout(timeout)
         self.serial = 0
         self.closed = False
 
@@ -193,6 +195,19 @@ class Conn:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def probe_setlk(path: Union[str, os.PathLike]) -> str:
+    """Another process tries F_SETLK (write lock, byte 0, length 1, non-blocking)
+    on `path`, as a second host or a second daemon would. Returns "locked" when
+    the kernel refuses (someone holds the lease byte), "free" when it was taken
+    (and released again as the probe exits)."""
+    code = ("import fcntl,os,sys\n"
+            "fd=os.open(sys.argv[1],os.O_RDWR)\n"
+            "try:\n fcntl.lockf(fd,fcntl.LOCK_EX|fcntl.LOCK_NB,1,0,0); print('free')\n"
+            "except OSError: print('locked')\n")
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                          text=True, timeout=30, check=True).stdout.strip()
 
 
 _OWNER_STUB = Path(__file__).with_name("owner_stub.py")
