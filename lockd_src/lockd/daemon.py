@@ -353,7 +353,7 @@ def recover(server: Server, journal_path: str, stored: Dict[str, int]) -> None:
                 first, since = alive[0]
                 res = locks.acquire(ls, name, first, r["flags"], when=since)
                 for pid, since in alive[1:]:
-                    res.add_owner(pid, since)
+                    locks.add_owner(res, pid, since)
                     server._count_lease(pid, 1)
                 server.recovered += 1
                 log.warning("%s re-locked from the journal (it was unprotected while no daemon ran)", desc)

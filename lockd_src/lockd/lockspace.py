@@ -137,6 +137,19 @@ class Locks:
         self.default = LockSpace("", None)
         self.lockspaces: Dict[str, LockSpace] = {"": self.default}
         self.by_inode: Dict[Tuple[int, int], List[Resource]] = {}
+        # owner pid -> its resources (ordered set): an owner's EOF costs O(its leases)
+        self.by_owner: Dict[int, Dict[Resource, None]] = {}
+
+    def add_owner(self, res: Resource, owner: int, when: Optional[float] = None) -> None:
+        res.add_owner(owner, when)
+        self.by_owner.setdefault(owner, {})[res] = None
+
+    def _unindex_owner(self, res: Resource, owner: int) -> None:
+        held = self.by_owner.get(owner)
+        if held is not None:
+            held.pop(res, None)
+            if not held:
+                del self.by_owner[owner]
 
     # -- lockspaces ---------------------------------------------------------
 
@@ -230,7 +243,7 @@ class Locks:
         res = ls.resources.get(name)
         if res is not None:
             if res.flags & SHARED and flags & SHARED:
-                res.add_owner(owner, when)
+                self.add_owner(res, owner, when)
                 self.listener.owner_added(res, owner)
                 return res
             raise P.err_busy(name)
@@ -254,7 +267,7 @@ class Locks:
                 raise
 
         res = Resource(ls, name, path, fd, flags, st.st_dev, st.st_ino)
-        res.add_owner(owner, when)
+        self.add_owner(res, owner, when)
         ls.resources[name] = res
         self.by_inode.setdefault((res.dev, res.ino), []).append(res)
         self.listener.resource_added(res, owner)
@@ -268,7 +281,7 @@ class Locks:
         set_lock(fd, kind, self.lock_type)   # a no-op for an OFD we already own
         res = Resource(ls, name, path, fd, flags, st.st_dev, st.st_ino)
         for pid, since in owners:
-            res.add_owner(pid, since)
+            self.add_owner(res, pid, since)
         ls.resources[name] = res
         self.by_inode.setdefault((res.dev, res.ino), []).append(res)
         return res
@@ -337,6 +350,7 @@ class Locks:
         del res.owners[i]
         if owner not in res.owners:
             res.since.pop(owner, None)
+            self._unindex_owner(res, owner)
         self.listener.owner_removed(res, owner, 1)
         if not res.owners:
             self._destroy(res)
@@ -344,17 +358,14 @@ class Locks:
     def release_owner(self, owner: int) -> List[Resource]:
         """Drop every entry of ``owner`` everywhere (libvirt drops only one per
         resource, which leaves a twice-acquired shared lease stuck)."""
-        touched = []
-        for ls in list(self.lockspaces.values()):
-            for res in list(ls.resources.values()):
-                if owner in res.owners:
-                    before = len(res.owners)
-                    res.owners = [p for p in res.owners if p != owner]
-                    res.since.pop(owner, None)
-                    touched.append(res)
-                    self.listener.owner_removed(res, owner, before - len(res.owners))
-                    if not res.owners:
-                        self._destroy(res)
+        touched = list(self.by_owner.pop(owner, ()))
+        for res in touched:
+            before = len(res.owners)
+            res.owners = [p for p in res.owners if p != owner]
+            res.since.pop(owner, None)
+            self.listener.owner_removed(res, owner, before - len(res.owners))
+            if not res.owners:
+                self._destroy(res)
         return touched
 
     def remove_resource(self, res: Resource) -> None:
@@ -363,6 +374,7 @@ class Locks:
             before = len(res.owners)
             res.owners = [p for p in res.owners if p != owner]
             res.since.pop(owner, None)
+            self._unindex_owner(res, owner)
             self.listener.owner_removed(res, owner, before - len(res.owners))
         self._destroy(res)
 
@@ -399,4 +411,4 @@ class Locks:
             yield from ls.resources.values()
 
     def owners_of(self, owner: int) -> List[Resource]:
-        return [r for r in self.resources() if owner in r.owners]
+        return list(self.by_owner.get(owner, ()))

@@ -207,3 +207,31 @@ def test_new_lockspace_errors(locks, tmp_path):
         locks.new_lockspace(str(tmp_path / "a"))
     assert ei.value.message == "internal error: Lockspace for path %s already exists" % (tmp_path / "a")
     assert locks.create_lockspace(str(tmp_path / "a")) is locks.lockspaces[str(tmp_path / "a")]
+
+
+def test_owner_index_stays_consistent(tmp_path):
+    """Random acquire/release/release_owner sequences: the owner index always
+    equals what a full scan of the lockspaces says."""
+    import random
+    rng = random.Random(7)
+    locks = L.Locks("ofd")
+    ls = locks.create_lockspace(str(tmp_path / "ls"))
+    owners = [4000001, 4000002, 4000003]
+    names = ["a", "b", "c", "d"]
+    for _ in range(3000):
+        op = rng.random()
+        owner, name = rng.choice(owners), rng.choice(names)
+        try:
+            if op < 0.5:
+                locks.acquire(ls, name, owner, L.AUTOCREATE | (L.SHARED if rng.random() < 0.7 else 0))
+            elif op < 0.9:
+                locks.release(ls, name, owner)
+            else:
+                locks.release_owner(owner)
+        except RPCError:
+            pass
+        scan = {}
+        for res in locks.resources():
+            for pid in res.owners:
+                scan.setdefault(pid, set()).add(res)
+        assert {pid: set(held) for pid, held in locks.by_owner.items()} == scan
