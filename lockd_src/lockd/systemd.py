@@ -9,6 +9,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import time
 from typing import Dict, Iterable, Optional
 
 SD_LISTEN_FDS_START = 3
@@ -72,7 +73,8 @@ class Notifier:
         return self.notify("READY=1" + ("\nSTATUS=" + status if status else ""))
 
     def reloading(self) -> bool:
-        return self.notify("RELOADING=1")
+        # systemd >= 253 wants the CLOCK_MONOTONIC time of the reload request
+        return self.notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
 
     def stopping(self) -> bool:
         return self.notify("STOPPING=1")
