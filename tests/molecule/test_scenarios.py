@@ -84,3 +84,7 @@ def test_molecule_scenario(scenario):
     _echo(f"[molecule {scenario}] {'passed' if rc == 0 else f'FAILED (exit {rc})'} in {took:.0f} s")
     assert rc == 0, (f"molecule test -s {scenario} failed (exit {rc}); full log {log_path}\n"
                      + "\n".join(tail[-120:]))
+    # Molecule treats a verify step that finds no test file as a success.
+    text = log_path.read_text()
+    assert "Skipping, no tests found" not in text, f"a verify step of {scenario} found no tests (see {log_path})"
+    assert re.search(r"\d+ passed", text), f"no testinfra test ran in {scenario} (see {log_path})"
