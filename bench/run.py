@@ -52,11 +52,20 @@ def daemon_conf(p: Params, max_clients: Optional[int] = None) -> dict:
 
 def start(kind: str, workdir: Path, tag: str, p: Params, max_clients: Optional[int] = None):
     from tests.harness.daemons import DaemonError, start_daemon
-    # PYTHONPATH: ours must import `lockd` even when bench runs outside the venv
-    env = {"PYTHONPATH": str(_path.ROOT / "lockd_src")} if kind == "py" else None
+    conf = daemon_conf(p, max_clients)
+    env = argv = None
+    if kind == "py":
+        # PYTHONPATH: ours must import `lockd` even when bench runs outside the venv.
+        env = {"PYTHONPATH": str(_path.ROOT / "lockd_src")}
+        # Same sandbox as the C daemon: a private mount namespace with a fresh
+        # tmpfs on /run. Its state (journal, re-exec file) lives in /run/virtlockd
+        # on tmpfs as in production, and should it ever fall back to its default
+        # socket paths it cannot take over the host's /run/libvirt/virtlockd-sock.
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount -t tmpfs -o mode=0755 tmpfs /run && exec "$0" "$@"', sys.executable, "-m", "lockd"]
+        conf["state_dir"] = "/run/virtlockd"
     try:
-        d = start_daemon(kind, workdir / ("%s-%s" % (kind, tag)), conf=daemon_conf(p, max_clients), env=env,
-                         timeout=30)
+        d = start_daemon(kind, workdir / ("%s-%s" % (kind, tag)), conf=conf, env=env, argv=argv, timeout=30)
     except DaemonError as exc:
         raise BenchError("%s did not start: %s" % (KINDS[kind], exc)) from None
     log("%s started (pid %d) for %s" % (KINDS[kind], d.pid, tag))
@@ -194,7 +203,7 @@ def main(argv=None) -> int:
         % (mode, ",".join(kinds), ",".join(sorted(only)), p.rounds, nofile, workdir))
 
     standin = build_standin(workdir) if "vmstart" in only else None
-    results: dict = {"mode": mode, "standin": "C helper" if standin else "python fork", "params": {k: (list(v) if isinstance(v, tuple) else v)
+    results: dict = {"mode": mode, "standin": "C helper" if standin else "python fork", "nofile": nofile, "params": {k: (list(v) if isinstance(v, tuple) else v)
                                               for k, v in vars(p).items()}}
     failed = []
     try:
