@@ -387,10 +387,16 @@ def chart(results: dict, png: Path) -> bool:
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("idle connected owners" if scn == "idle" else "concurrent clients")
+        levels = sorted({x for xs, _ in series(scn, key).values() for x in xs})
         if scn != "idle":
             ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
         else:
             ax.set_xscale("symlog", linthresh=100)
+            ax.set_yscale("log")
+        if levels:
+            ax.set_xticks(levels)
+            ax.set_xticklabels(["{:,}".format(v) for v in levels])
         ax.grid(True, alpha=0.3)
         if ax.get_lines():
             ax.legend()
