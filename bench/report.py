@@ -140,6 +140,7 @@ def build(results: dict, kinds: list) -> Summary:
         sec = "reexec %s leases" % "{:,}".format(int(n))
         g = lambda k: ((c or {}).get(k), (o or {}).get(k))  # noqa: E731
         row(sec, "serving again after (s)", *g("serving_s"))
+        row(sec, "  of which until exec() (s)", *g("exec_s"))
         row(sec, "leases lost", *g("lost_leases"))
         if o is not None:
             goals.append(Goal("re-exec with %s leases serves again" % "{:,}".format(int(n)), "< 0.5 s",
