@@ -250,7 +250,7 @@ def machine_info() -> dict:
 
 def write_docs(results: dict, summary: Summary, out_dir: Path, kinds: list) -> list:
     written = []
-    info = machine_info()
+    info = results.get("machine") or machine_info()
     png = out_dir / "benchmarks.png"
     if chart(results, png):
         written.append(png)
@@ -423,8 +423,8 @@ def chart(results: dict, png: Path) -> bool:
             ax.annotate(_fmt(float(v)), (i, v), ha="center", va="bottom", fontsize=8)
     n = (_med(results, "scale", None, "py") or _med(results, "scale", None, "c") or {}).get("owners", 0)
     ax.set_title("scale: %s owners with 1-4 leases" % "{:,}".format(int(n)))
-    fig.suptitle("lockd vs C virtlockd (%s run, %s)" % (results["mode"],
-                                                        datetime.date.today().isoformat()))
+    date = (results.get("machine") or {}).get("date") or datetime.date.today().isoformat()
+    fig.suptitle("lockd vs C virtlockd (%s run, %s)" % (results["mode"], date))
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)

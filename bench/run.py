@@ -165,6 +165,16 @@ def run_heavy(kind: str, rnd: int, workdir: Path, p: Params, only: set, out: dic
             d.close()
 
 
+def _kinds_in(node: dict) -> set:
+    out = set()
+    for k, v in node.items():
+        if k in KINDS:
+            out.add(k)
+        elif isinstance(v, dict):
+            out |= _kinds_in(v)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--quick", action="store_true",
@@ -176,7 +186,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="directory for benchmarks.md/.png/.json "
                     "(default: docs/ for a full run, a temporary directory for --quick)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (daemon logs)")
+    ap.add_argument("--report-only", type=Path, metavar="JSON",
+                    help="no measurements: rewrite benchmarks.md/.png from a benchmarks.json of an earlier run")
     args = ap.parse_args(argv)
+    if args.report_only:
+        results = json.loads(args.report_only.read_text())
+        kinds = sorted({k for sc in ("acqrel", "scale", "reexec") for k in _kinds_in(results.get(sc, {}))})
+        summary = report.build(results, kinds)
+        print(summary.table_text)
+        out_dir = args.out or args.report_only.parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in report.write_docs(results, summary, out_dir, kinds):
+            log("wrote %s" % f)
+        return 0
 
     p = Params.quick() if args.quick else Params()
     if args.rounds:
@@ -203,7 +225,7 @@ def main(argv=None) -> int:
         % (mode, ",".join(kinds), ",".join(sorted(only)), p.rounds, nofile, workdir))
 
     standin = build_standin(workdir) if "vmstart" in only else None
-    results: dict = {"mode": mode, "standin": "C helper" if standin else "python fork", "nofile": nofile, "params": {k: (list(v) if isinstance(v, tuple) else v)
+    results: dict = {"mode": mode, "machine": report.machine_info(), "standin": "C helper" if standin else "python fork", "nofile": nofile, "params": {k: (list(v) if isinstance(v, tuple) else v)
                                               for k, v in vars(p).items()}}
     failed = []
     try:
