@@ -45,6 +45,15 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS for pid %d" % pid)
 
 
+def nofile_limits(pid: int) -> tuple:
+    """(soft, hard) RLIMIT_NOFILE of a running process."""
+    for line in Path("/proc/%d/limits" % pid).read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise RuntimeError("no 'Max open files' for pid %d" % pid)
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir("/proc/%d/fd" % pid))
 

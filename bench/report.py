@@ -163,21 +163,36 @@ def build(results: dict, kinds: list) -> Summary:
             r = results["limit"]["py"][0]
             goals.append(Goal("at max_clients the daemon answers (no hang)", "answers",
                               r["answer"][:60], r["answered"]))
-    lim = default_limits()
-    if lim is not None and "py" in kinds:
-        goals.append(Goal("default max_clients serves 10,000 VMs", ">= 10,000", str(lim), lim >= 10000))
-
+    if "py" in kinds:
+        mc, unit_hard = default_limits()
+        if mc is not None:
+            goals.append(Goal("default max_clients serves 10,000 VMs", ">= 10,000", "{:,}".format(mc), mc >= 10000))
+        if unit_hard is not None:
+            # one connection plus up to 4 leases per VM
+            goals.append(Goal("unit LimitNOFILE (hard) for 10,000 VMs", ">= 50,000", "{:,}".format(unit_hard),
+                              unit_hard >= 50000))
     table_text = _text_table(rows, goals)
     md = _md_table(rows)
     return Summary(rows, goals, table_text, md)
 
 
-def default_limits() -> Optional[int]:
+def default_limits() -> tuple:
+    """(default max_clients, hard LimitNOFILE of the shipped unit), None where unknown."""
+    mc = hard = None
     try:
         from lockd.config import DEFAULTS
-        return int(DEFAULTS["max_clients"])
+        mc = int(DEFAULTS["max_clients"])
     except Exception:  # noqa: BLE001 - our package may be incomplete
-        return None
+        pass
+    unit = ROOT / "lockd_src" / "lockd" / "data" / "units" / "virtlockd.service"
+    try:
+        for line in unit.read_text().splitlines():
+            if line.strip().startswith("LimitNOFILE="):
+                v = line.split("=", 1)[1].strip()
+                hard = int(v.split(":")[-1]) if v != "infinity" else 1 << 30
+    except (OSError, ValueError):
+        pass
+    return mc, hard
 
 
 def _mark(ok: Optional[bool]) -> str:

@@ -37,7 +37,7 @@ class Params:
     holder_batch: int = 250             # connections set up together per holder process
     holder_conns: int = 2_500           # connections per holder process
     warmup: float = 0.3
-    rounds: int = 3                     # A B A B A B rounds of acqrel/vmstart/idle
+    rounds: int = 4                     # A B A B ... rounds of acqrel/vmstart/idle
     heavy_rounds: int = 1               # rounds of scale/reexec (fresh daemon each)
     timeout: float = 120.0              # a reply later than this counts as a hang
     max_clients: int = 12_000           # both daemons; C's default 1024 hangs at the 1024th VM
@@ -268,6 +268,7 @@ def scale(ctx: Ctx) -> dict:
             k += 1
         scripts.append(sc)
     rss0 = procstat.rss_kib(ctx.pid)
+    nofile_soft = procstat.nofile_limits(ctx.pid)[0]
     cpu0 = procstat.cpu_seconds(ctx.pid)
     holders, secs = _open_owners(ctx, scripts, "scale")
     try:
@@ -284,7 +285,7 @@ def scale(ctx: Ctx) -> dict:
         close_owners(holders)
     return {"owners": n, "leases": total, "files": len(files), "shared": shared, "connect_s": secs, "rss_idle_mb": rss0 / 1024,
             "rss_mb": rss1 / 1024, "kb_per_owner": (rss1 - rss0) / n, "daemon_fds": fds,
-            "cpu_s": cpu1 - cpu0, "locked_files": locked, "unanswered": lost, "hang": False}
+            "cpu_s": cpu1 - cpu0, "locked_files": locked, "nofile_soft": nofile_soft, "unanswered": lost, "hang": False}
 
 
 def reexec(ctx: Ctx, daemon) -> dict:
