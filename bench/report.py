@@ -117,6 +117,10 @@ def build(results: dict, kinds: list) -> Summary:
                 "daemon CPU/RPC with 1,000 idle owners")
         else:
             row(sec, "daemon CPU us/RPC", *g("cpu_us_rpc"))
+        if (c or {}).get("vm_cycles_s") is not None or (o or {}).get("vm_cycles_s") is not None:
+            row(sec, "vmstart 4 clients: cycles/s", *g("vm_cycles_s"))
+            row(sec, "vmstart 4 clients: p99 ms/cycle", *g("vm_p99_ms"))
+            row(sec, "vmstart 4 clients: CPU us/cycle", *g("vm_cpu_us_cycle"))
     if results.get("scale"):
         c, o = _med(results, "scale", None, "c"), _med(results, "scale", None, "py")
         n = (o or c or {}).get("owners", 0)
@@ -322,7 +326,8 @@ def write_docs(results: dict, summary: Summary, out_dir: Path, kinds: list) -> l
            "stop = the child dies and conn A closes, so the daemon releases on the owner's EOF and its "
            "kill loop finds the pid already gone. Cycle = start + stop, as the client sees it.",
            "- **idle**: acqrel with 1 client while 0 / 1,000 / 5,000 other owners sit connected "
-           "(REGISTER + RESTRICT, like running VMs).",
+           "(REGISTER + RESTRICT, like running VMs); with %s idle owners also vmstart at 4 clients "
+           "(VM starts on a busy host)." % "{:,}".format(p.get("idle_vmstart_at", 0)),
            "- **scale**: %s owners connect, REGISTER and ACQUIRE 1–4 leases each (pipelined in "
            "batches of %d per client process, %d connections per process) and stay connected. "
            "Every connection is then pinged (keepalive) to show that none hangs."

@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     log("%s run: daemons %s, scenarios %s, %d round(s), RLIMIT_NOFILE %d, work dir %s"
         % (mode, ",".join(kinds), ",".join(sorted(only)), p.rounds, nofile, workdir))
 
-    standin = build_standin(workdir) if "vmstart" in only else None
+    standin = build_standin(workdir) if only & {"vmstart", "idle"} else None
     results: dict = {"mode": mode, "machine": report.machine_info(), "standin": "C helper" if standin else "python fork", "nofile": nofile, "params": {k: (list(v) if isinstance(v, tuple) else v)
                                               for k, v in vars(p).items()}}
     failed = []

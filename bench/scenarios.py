@@ -31,6 +31,7 @@ class Params:
     vmstart_secs: float = 2.0
     idle_counts: Sequence[int] = (0, 1000, 5000)
     idle_secs: float = 2.0
+    idle_vmstart_at: int = 1000         # also VM start+stop (4 clients) with this many idle owners
     scale_owners: int = 10_000
     reexec_owners: int = 2_500          # x 4 leases = 10,000 leases
     leases_per_reexec_owner: int = 4
@@ -47,7 +48,7 @@ class Params:
     @classmethod
     def quick(cls) -> "Params":
         return cls(acqrel_levels=(1, 4), acqrel_secs=0.3, vmstart_levels=(1, 4), vmstart_secs=0.3,
-                   idle_counts=(0, 100), idle_secs=0.3, scale_owners=200, reexec_owners=50,
+                   idle_counts=(0, 100), idle_secs=0.3, idle_vmstart_at=100, scale_owners=200, reexec_owners=50,
                    holder_batch=50, holder_conns=100, warmup=0.05, rounds=1, heavy_rounds=1,
                    timeout=30.0, limit_clients=20, limit_wait=4.0)
 
@@ -235,6 +236,10 @@ def idle(ctx: Ctx) -> dict:
                       "p99_us": _pct(lat, 0.99) / 1e3, "cpu_us_rpc": run["daemon_cpu"] / ops * 1e6,
                       "user_us_rpc": run["daemon_user"] / ops * 1e6,
                       "client_cores": run["client_cpu"] / p.idle_secs, "rpcs": ops}
+            if n == p.idle_vmstart_at and n:
+                vm = vmstart(ctx, 4)
+                out[str(n)].update({"vm_cycles_s": vm["cycles_s"], "vm_p99_ms": vm["p99_ms"],
+                                    "vm_cpu_us_cycle": vm["cpu_us_cycle"]})
     finally:
         close_owners(holders)
     return out
