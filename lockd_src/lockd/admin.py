@@ -336,7 +336,7 @@ def _op_clients(server, a: _Args) -> dict:
         o = c.owner
         out.append({"id": c.id, "pid": c.pid, "uid": c.uid, "restricted": c.restricted,
                     "registered": o is not None,
-                    "owner": None if o is None else {"uuid": str(uuidlib.UUID(bytes=bytes(o.uuid))),
+                    "owner": None if o is None else {"uuid": own.fmt_uuid(o.uuid),
                                                      "name": o.name, "id": o.id, "pid": o.pid},
                     "connected_at": c.connected_at})
     return {"clients": out}

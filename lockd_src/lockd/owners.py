@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -68,6 +67,12 @@ def pidfd_open(pid: int) -> Optional[int]:
     return fd
 
 
+def fmt_uuid(b: bytes) -> str:
+    """8-4-4-4-12 text of 16 raw bytes (what uuid.UUID prints, without the object)."""
+    h = bytes(b).hex()
+    return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
 @dataclass
 class OwnerInfo:
     """What REGISTER told us about an owner, plus what we learned."""
@@ -84,7 +89,7 @@ class OwnerInfo:
 
     @property
     def uuid_str(self) -> str:
-        return str(uuidlib.UUID(bytes=bytes(self.uuid)))
+        return fmt_uuid(self.uuid)
 
     def to_json(self) -> dict:
         return {"pid": self.pid, "uuid": self.uuid_str, "name": self.name, "id": self.id,
@@ -92,4 +97,4 @@ class OwnerInfo:
 
     @classmethod
     def from_json(cls, d: dict) -> "OwnerInfo":
-        return cls(d["pid"], uuidlib.UUID(d["uuid"]).bytes, d["name"], d["id"], d.get("start_time"))
+        return cls(d["pid"], bytes.fromhex(d["uuid"].replace("-", "")), d["name"], d["id"], d.get("start_time"))

@@ -210,3 +210,33 @@ def test_idle_timeout_exits_only_without_clients_and_leases(tmp_path, disk, owne
         assert d.alive()   # a lease is held, so no idle exit (the C daemon would exit)
         client_for(d, UUID1, "vm1", owner.pid).release("", disk)
         assert d.wait(10) == 0
+
+
+def test_reexec_keeps_a_half_sent_request_bigger_than_10mib_of_state(daemon, disk):
+    """A client in the middle of sending a large frame when SIGUSR1 arrives: the
+    partial frame (hex in the state file: > 10 MiB, the C reader's cap) survives
+    the re-exec and the call is answered once the rest arrives."""
+    holder = client_for(daemon, UUID1, "vm1", fake_pid())
+    holder.acquire("", disk)
+    from lockd import rpc
+    name = "x" * 60000
+    payload = P.encode_resource("", name, 0) * 120              # ~7 MiB of arguments
+    frame = P.encode_call(P.PROC_ACQUIRE_RESOURCE, 5, payload)
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(daemon.sock))
+    s.sendall(frame[:6 << 20])
+    wait_for(lambda: admin(daemon).call("status")["clients"] >= 2, what="client accepted")
+    time.sleep(0.5)                                             # let the daemon buffer it
+    os.kill(daemon.pid, signal.SIGUSR1)
+    wait_for(lambda: "re-exec complete" in daemon.log_tail(50), what="re-exec")
+    s.sendall(frame[6 << 20:])
+    s.settimeout(10)
+    reply = b""
+    while len(reply) < 28 or len(reply) < int.from_bytes(reply[:4], "big"):
+        reply += s.recv(65536)
+    h = rpc.decode_header(reply)
+    assert (h.proc, h.serial, h.type) == (P.PROC_ACQUIRE_RESOURCE, 5, rpc.REPLY)
+    # unregistered connection: the daemon decoded the whole frame and answered
+    assert rpc.RPCError.decode(reply, 28).message.endswith("lock owner details have not been registered")
+    with pytest.raises(LockError):
+        client_for(daemon, UUID2, "vm2", fake_pid()).acquire("", disk)
