@@ -160,3 +160,35 @@ def test_removal_hands_over_to_the_distribution_virtlockd(host, play):
     assert 'lock_manager = "lockd"' in sh(host, "grep ^lock_manager /etc/libvirt/qemu.conf").stdout
     rc, changed, out = play({"lock_manager_state": "absent"})
     assert rc == 0 and changed == 0, out[-4000:]
+
+
+def test_site_playbook_rolls_out_verifies_and_summarises(host, play, ansible_env, tmp_path):
+    inventory = tmp_path / "hypervisors.ini"
+    h = host.host(HOST)
+    inventory.write_text(
+        f"[hypervisors]\n{HOST} ansible_host={h.address} ansible_user=root ansible_ssh_private_key_file={host.run.key} "
+        "ansible_python_interpreter=/usr/bin/python3 "
+        "ansible_ssh_common_args='-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null'\n")
+    env = dict(ansible_env, ANSIBLE_PIPELINING="1", ANSIBLE_HOST_KEY_CHECKING="0")
+    proc = subprocess.run([venv_tool("ansible-playbook"), "-i", str(inventory), "lockd.virtlockd.site"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert re.search(rf'"{HOST}: lockd [0-9.]+ pid [0-9]+, 0 lease\(s\) held', out), out[-3000:]
+    assert "ExecStart=/usr/local/sbin/virtlockd" in sh(host, "systemctl cat virtlockd.service").stdout
+
+
+def test_site_preflight_refuses_a_host_without_systemd(ansible_env, tmp_path):
+    """This machine runs libvirt but not systemd as PID 1: the rollout must stop before touching it."""
+    with open("/proc/1/comm") as handle:
+        if handle.read().strip() == "systemd":
+            pytest.skip("this machine boots systemd; the preflight refusal needs a host without it")
+    inventory = tmp_path / "local.ini"
+    inventory.write_text("[hypervisors]\nlocalhost ansible_connection=local ansible_python_interpreter=/usr/bin/python3\n")
+    proc = subprocess.run([venv_tool("ansible-playbook"), "-i", str(inventory), "--check", "lockd.virtlockd.site"],
+                          env=ansible_env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "is not booted with systemd" in out, out[-3000:]
+    assert 'localhost: FAILED at \\"Preflight - systemd must be PID 1\\"' in out, "the summary must say why"
+    assert "lock_manager : " not in out, "the role must not run on a refused host"
