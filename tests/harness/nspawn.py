@@ -130,6 +130,19 @@ def rootfs_base(suite: str) -> Path:
     return base
 
 
+def prepare_rootfs(suites=SUITES, pytestconfig=None) -> None:
+    """Build/unpack the rootfs bases now, with the build's progress on the terminal.
+
+    Under pytest, pass ``pytestconfig``: output capture is suspended meanwhile, so
+    a cold build (~30-50 s per suite) shows its progress instead of looking hung.
+    """
+    capman = pytestconfig.pluginmanager.getplugin("capturemanager") if pytestconfig else None
+    ctx = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+    with ctx:
+        for suite in suites:
+            rootfs_base(suite)
+
+
 def _caps_cache(suite: str) -> Path:
     return CACHE / f"{suite}.qemu-caps"
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import require, require_root
+from tests.harness.nspawn import prepare_rootfs
 
 REPO = Path(__file__).resolve().parents[2]
 LOGS = REPO / ".cache" / "molecule-logs"
@@ -35,26 +36,39 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 TIMEOUT = 900
 
 
-def _echo(msg: str) -> None:
-    # Bypass pytest's capture: progress must reach the terminal while it happens.
-    sys.__stderr__.write(msg + "\n")
-    sys.__stderr__.flush()
+class _Live:
+    """Write progress lines to the terminal while pytest captures output."""
+
+    def __init__(self, pytestconfig):
+        self.capman = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def __call__(self, msg: str) -> None:
+        with self.capman.global_and_fixture_disabled():
+            sys.stderr.write(msg + "\n")
+            sys.stderr.flush()
 
 
 @pytest.mark.systemd
 @pytest.mark.libvirt
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_molecule_scenario(scenario):
+def test_molecule_scenario(scenario, pytestconfig, tmp_path_factory):
     require_root()
     venv_bin = Path(sys.executable).parent
     molecule = shutil.which("molecule", path=f"{venv_bin}:{os.environ.get('PATH', '')}")
     require(molecule, "molecule (make venv, requirements/ansible.txt)")
     require(shutil.which("systemd-nspawn"), "systemd-nspawn (scripts/install-deps.sh)")
+    _echo = _Live(pytestconfig)
+    prepare_rootfs(pytestconfig=pytestconfig)  # instant when cached; shows a cold build's progress
     LOGS.mkdir(parents=True, exist_ok=True)
     log_path = LOGS / f"{scenario}.log"
     env = dict(os.environ)
     env["PATH"] = f"{venv_bin}:{env.get('PATH', '')}"
+    # A private ephemeral dir per run: Molecule's default one is keyed by the
+    # project path only, so two test runs on one machine would destroy each
+    # other's hosts in their first `destroy` step.
+    ephemeral = tmp_path_factory.mktemp(f"molecule-{scenario}")
+    env["MOLECULE_EPHEMERAL_DIRECTORY"] = str(ephemeral)
     env.update(NO_COLOR="1", ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", PY_COLORS="0",
                MOLECULE_NO_LOG="false", PYTHONUNBUFFERED="1")
     t0 = time.monotonic()
@@ -79,7 +93,7 @@ def test_molecule_scenario(scenario):
                 proc.wait()
                 # Molecule was killed mid-run: make sure its hosts do not outlive it.
                 subprocess.run([sys.executable, "-m", "tests.harness.nspawn", "destroy",
-                                "--match", f".{scenario}/nspawn"], cwd=REPO)
+                                str(ephemeral / "nspawn")], cwd=REPO)
     took = time.monotonic() - t0
     _echo(f"[molecule {scenario}] {'passed' if rc == 0 else f'FAILED (exit {rc})'} in {took:.0f} s")
     assert rc == 0, (f"molecule test -s {scenario} failed (exit {rc}); full log {log_path}\n"

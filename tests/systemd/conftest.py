@@ -11,16 +11,17 @@ import shutil
 import pytest
 
 from tests.harness import require, require_root
-from tests.harness.nspawn import Cluster
+from tests.harness.nspawn import Cluster, prepare_rootfs
 
 HOSTS = {"sd12": "bookworm", "sd13": "trixie"}
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, pytestconfig):
     require_root()
     for tool in ("systemd-nspawn", "mmdebstrap", "nsenter"):
         require(shutil.which(tool), f"{tool} (scripts/install-deps.sh: systemd-container, mmdebstrap, util-linux)")
+    prepare_rootfs(sorted(set(HOSTS.values())), pytestconfig)
     c = Cluster.create(tmp_path_factory.mktemp("nspawn"), HOSTS)
     try:
         yield c
