@@ -89,8 +89,20 @@ lint: venv
 # (pinned per-test venvs cached in .cache/ansible-test-home), plus build/install/ansible-doc.
 .PHONY: sanity test-collection
 sanity: venv
-	$(RUN) $(VENV_BIN)/python -m pytest tests/collection/test_static.py -k "sanity or build" $(PYTEST_ARGS)
+	$(RUN) $(VENV_BIN)/python -m pytest tests/collection/test_static.py -k "sanity or target_pythons or build" $(PYTEST_ARGS)
 test-collection: venv
 	$(RUN) $(VENV_BIN)/python -m pytest tests/collection tests/conformance $(PYTEST_ARGS)
 
 # --- rootfs / molecule (hosts) ---
+# make rootfs                      build/cache the nspawn host rootfs tarballs (.cache/rootfs)
+# make molecule SCENARIO=<name>    one Molecule scenario (molecule/README.md)
+# make test-systemd                tests/systemd (our daemon under a real systemd) + tests/molecule
+SCENARIO ?= default
+.PHONY: rootfs molecule test-systemd
+rootfs: deps
+	scripts/build-rootfs.sh
+molecule: deps venv
+	$(RUN) $(VENV_BIN)/molecule test -s $(SCENARIO)
+test-systemd: deps venv
+	$(RUN) $(VENV_BIN)/python -m pytest tests/systemd tests/molecule $(PYTEST_ARGS)
+

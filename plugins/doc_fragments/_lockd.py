@@ -25,7 +25,7 @@ options:
     default: 30
 requirements:
   - A lockd daemon (the lockd.virtlockd.lock_manager role installs it) on the managed host.
-  - Python 3.8 or newer on the managed host; no Python packages beyond the standard library.
+  - Python 3.9 or newer on the managed host; no Python packages beyond the standard library.
 notes:
   - The modules speak the lockd admin protocol (JSON lines, version 1) documented in the
     collection's C(docs/admin-protocol.md). libvirt never uses the admin socket.

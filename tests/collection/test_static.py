@@ -4,6 +4,7 @@ role's defaults against its argument specs and the daemon's defaults."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -64,6 +65,35 @@ def test_ansible_test_sanity(collection_tree, ansible_env):
     assert "All targets skipped" not in out, "ansible-test saw no files in the tree"
     assert 'Running sanity test "validate-modules"' in out, out[-3000:]
     assert rc == 0, "ansible-test sanity failed:\n" + "\n".join(failures or out.splitlines()[-40:])
+
+
+# The interpreters of the target hosts: RHEL 9 (3.9) and Debian 13 (3.13);
+# Debian 12 (3.11) gets the full run above. Modules and module_utils must
+# compile and import there too.
+TARGET_PYTHONS = ("3.9", "3.13")
+
+
+def find_python(version: str) -> str | None:
+    """A working python<version>: pyenv's real binaries first (its shims may not resolve), then PATH."""
+    candidates = [str(p) for p in sorted(Path("/root/.pyenv/versions").glob(f"{version}.*/bin/python{version}"))]
+    candidates.append(shutil.which(f"python{version}") or "")
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "-c", "pass"], capture_output=True, check=False).returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.parametrize("version", TARGET_PYTHONS)
+def test_ansible_test_compile_and_import_on_target_pythons(collection_tree, ansible_env, version):
+    python = find_python(version)
+    assert python, f"python{version} not found (the CI image carries pyenv 3.9-3.13)"
+    env = dict(ansible_env, HOME=str(ansible_test_home()),
+               PATH=f"{Path(python).parent}:{ansible_env['PATH']}")
+    rc, out = run([venv_tool("ansible-test"), "sanity", "--test", "compile", "--test", "import",
+                   "--python", version, "--venv", "--requirements", "--color", "no"], cwd=collection_tree, env=env)
+    assert f'Running sanity test "import" on Python {version}' in out, out[-3000:]
+    failures = [line for line in out.splitlines() if "ERROR" in line or "FATAL" in line]
+    assert rc == 0, f"ansible-test compile/import on {version} failed:\n" + "\n".join(failures or out.splitlines()[-40:])
 
 
 def test_ansible_lint_production_profile(collection_tree, ansible_env, tmp_path):
