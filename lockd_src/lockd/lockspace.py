@@ -29,6 +29,8 @@ from . import protocol as P
 from .rpc import RPCError
 
 F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+F_RDLCK = fcntl.F_RDLCK
+F_WRLCK = fcntl.F_WRLCK
 F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 _FLOCK = struct.Struct("hhqqi4x")   # struct flock on Linux (x86_64, aarch64)
 
@@ -36,10 +38,13 @@ SHARED = P.ACQUIRE_SHARED
 AUTOCREATE = P.ACQUIRE_AUTOCREATE
 
 
+_LOCK_ARGS = {k: _FLOCK.pack(k, os.SEEK_SET, 0, 1, 0) for k in (fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK)}
+_fcntl = fcntl.fcntl
+
+
 def set_lock(fd: int, kind: int, lock_type: str) -> None:
     """Non-blocking lock of byte 0, length 1 (``kind``: F_RDLCK/F_WRLCK/F_UNLCK)."""
-    cmd = F_OFD_SETLK if lock_type == "ofd" else fcntl.F_SETLK
-    fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, 0, 1, 0))
+    _fcntl(fd, F_OFD_SETLK if lock_type == "ofd" else fcntl.F_SETLK, _LOCK_ARGS[kind])
 
 
 def probe_lock_type(preferred: str) -> str:
@@ -248,8 +253,8 @@ class Locks:
                 return res
             raise P.err_busy(name)
 
-        path = ls.path_of(name)
-        kind = fcntl.F_RDLCK if flags & SHARED else fcntl.F_WRLCK
+        path = name if ls.directory is None else ls.directory + "/" + name
+        kind = F_RDLCK if flags & SHARED else F_WRLCK
         if flags & AUTOCREATE:
             fd, st = self._open_autocreate(path, name, kind, flags)
         else:
@@ -296,7 +301,7 @@ class Locks:
         self._check_alias(st, name, flags)
 
     def _check_alias(self, st: os.stat_result, name: str, flags: int) -> None:
-        held = self._aliases(st.st_dev, st.st_ino)
+        held = self.by_inode.get((st.st_dev, st.st_ino))
         if not held:
             return
         if self.lock_type == "ofd" and flags & SHARED and all(r.flags & SHARED for r in held):

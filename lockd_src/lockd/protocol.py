@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import rpc, xdr
 
@@ -70,8 +71,7 @@ class Owner:
     pid: int
 
 
-@dataclass
-class ResourceArgs:
+class ResourceArgs(NamedTuple):
     path: str
     name: str
     flags: int
@@ -100,24 +100,29 @@ def decode_new(d: xdr.Decoder):
 
 
 def decode_resource(d: xdr.Decoder) -> ResourceArgs:
-    # the hot path (ACQUIRE/RELEASE): inlined XDR for path, name and flags
-    buf, pos, end = d.buf, d.pos, d.end
-    out = []
-    for _ in (0, 1):
-        if pos + 4 > end:
-            raise xdr.XDRError("short buffer at offset %d" % pos)
-        n = _U32.unpack_from(buf, pos)[0]
-        if n > STRING_MAX:
-            raise xdr.XDRError("string length %d exceeds maximum %d" % (n, STRING_MAX))
-        start = pos + 4
-        pos = start + n + (-n & 3)
-        if pos > end:
-            raise xdr.XDRError("short buffer at offset %d" % start)
-        out.append(buf[start:start + n].decode("utf-8", "surrogateescape"))
+    args, d.pos = decode_resource_at(d.buf, d.pos, d.end)
+    return args
+
+
+def decode_resource_at(buf: bytes, pos: int, end: int):
+    """The hot path (ACQUIRE/RELEASE): inlined XDR for path, name and flags.
+    Returns (ResourceArgs, position after them)."""
+    unpack = _U32.unpack_from
     if pos + 4 > end:
         raise xdr.XDRError("short buffer at offset %d" % pos)
-    d.pos = pos + 4
-    return ResourceArgs(out[0], out[1], _U32.unpack_from(buf, pos)[0])
+    n = unpack(buf, pos)[0]
+    a = pos + 4
+    pos = a + n + (-n & 3)
+    if n > STRING_MAX or pos + 4 > end:
+        raise xdr.XDRError("bad or truncated string at offset %d" % (a - 4))
+    m = unpack(buf, pos)[0]
+    b = pos + 4
+    pos = b + m + (-m & 3)
+    if m > STRING_MAX or pos + 4 > end:
+        raise xdr.XDRError("bad or truncated string at offset %d" % (b - 4))
+    return ResourceArgs(buf[a:a + n].decode("utf-8", "surrogateescape"),
+                        buf[b:b + m].decode("utf-8", "surrogateescape"),
+                        unpack(buf, pos)[0]), pos + 4
 
 
 def decode_create_lockspace(d: xdr.Decoder) -> str:

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional
 
 from . import owners as own
 from . import protocol as P
+from .protocol import decode_resource_at
 from . import rpc, xdr
 from .journal import Journal
 from .lockspace import Listener, Locks, Resource
@@ -432,7 +433,7 @@ class Server(Listener):
                         err = P.err_unknown_proc(proc)
                     else:
                         try:
-                            handler(c, xdr.Decoder(buf, body_at, pos + n))
+                            handler(c, buf, body_at, pos + n)
                             return _HDR.pack(28, prog, vers, proc, rpc.REPLY, serial, rpc.OK)
                         except rpc.RPCError as e:
                             err = e
@@ -475,8 +476,8 @@ class Server(Listener):
         if c.owner is None:
             raise P.err_unregistered()
 
-    def _register(self, c: LockConn, d: xdr.Decoder) -> None:
-        owner, flags = P.decode_register(d)
+    def _register(self, c: LockConn, buf: bytes, pos: int, end: int) -> None:
+        owner, flags = P.decode_register(xdr.Decoder(buf, pos, end))
         if flags:
             raise P.err_flags(P.PROC_REGISTER, flags)
         if c.restricted:
@@ -494,42 +495,53 @@ class Server(Listener):
             info.connected += 1
             self._unwatch(owner.pid)
 
-    def _restrict(self, c: LockConn, d: xdr.Decoder) -> None:
-        self._check(c, P.PROC_RESTRICT, d.u32())
+    def _restrict(self, c: LockConn, buf: bytes, pos: int, end: int) -> None:
+        self._check(c, P.PROC_RESTRICT, xdr.Decoder(buf, pos, end).u32())
         c.restricted = True
 
-    def _new(self, c: LockConn, d: xdr.Decoder) -> None:
-        path, flags = P.decode_new(d)
+    def _new(self, c: LockConn, buf: bytes, pos: int, end: int) -> None:
+        path, flags = P.decode_new(xdr.Decoder(buf, pos, end))
         self._check(c, P.PROC_NEW, flags)
         self.locks.new_lockspace(path)
 
-    def _resource_call(self, c: LockConn, d: xdr.Decoder, proc: int):
-        a = P.decode_resource(d)
-        self._check(c, proc, a.flags)
-        return self.locks.get(a.path), a
+    def _resource_call(self, c: LockConn, buf: bytes, pos: int, end: int, proc: int):
+        (path, name, flags), _ = decode_resource_at(buf, pos, end)
+        if flags & ~P.ALLOWED_FLAGS[proc]:
+            raise P.err_flags(proc, flags)
+        if c.restricted:
+            raise P.err_restricted()
+        if c.owner is None:
+            raise P.err_unregistered()
+        ls = self.locks.lockspaces.get(path)
+        if ls is None:
+            raise P.err_no_lockspace(path)
+        return ls, name, flags
 
-    def _create_resource(self, c: LockConn, d: xdr.Decoder) -> None:
-        ls, a = self._resource_call(c, d, P.PROC_CREATE_RESOURCE)
-        self.locks.create_resource(ls, a.name)
+    def _create_resource(self, c: LockConn, buf: bytes, pos: int, end: int) -> None:
+        ls, name, _ = self._resource_call(c, buf, pos, end, P.PROC_CREATE_RESOURCE)
+        self.locks.create_resource(ls, name)
 
-    def _delete_resource(self, c: LockConn, d: xdr.Decoder) -> None:
-        ls, a = self._resource_call(c, d, P.PROC_DELETE_RESOURCE)
-        self.locks.delete_resource(ls, a.name)
+    def _delete_resource(self, c: LockConn, buf: bytes, pos: int, end: int) -> None:
+        ls, name, _ = self._resource_call(c, buf, pos, end, P.PROC_DELETE_RESOURCE)
+        self.locks.delete_resource(ls, name)
 
-    def _acquire(self, c: LockConn, d: xdr.Decoder) -> None:
-        ls, a = self._resource_call(c, d, P.PROC_ACQUIRE_RESOURCE)
-        pid = c.owner.pid
-        info = self._owner_info(c.owner)
+    def _acquire(self, c: LockConn, buf: bytes, pos: int, end: int) -> None:
+        ls, name, flags = self._resource_call(c, buf, pos, end, P.PROC_ACQUIRE_RESOURCE)
+        owner = c.owner
+        pid = owner.pid
+        info = self.owners.get(pid)
+        if info is None or info.uuid != owner.uuid or info.name != owner.name or info.id != owner.id:
+            info = self._owner_info(owner)
         if not info.connected and pid not in self.owner_leases:
             info.start_time = own.start_time(pid)   # the pid may have been reused meanwhile
-        self.locks.acquire(ls, a.name, pid, a.flags)
+        self.locks.acquire(ls, name, pid, flags)
 
-    def _release(self, c: LockConn, d: xdr.Decoder) -> None:
-        ls, a = self._resource_call(c, d, P.PROC_RELEASE_RESOURCE)
-        self.locks.release(ls, a.name, c.owner.pid)
+    def _release(self, c: LockConn, buf: bytes, pos: int, end: int) -> None:
+        ls, name, _ = self._resource_call(c, buf, pos, end, P.PROC_RELEASE_RESOURCE)
+        self.locks.release(ls, name, c.owner.pid)
 
-    def _create_lockspace(self, c: LockConn, d: xdr.Decoder) -> None:
-        path = P.decode_create_lockspace(d)
+    def _create_lockspace(self, c: LockConn, buf: bytes, pos: int, end: int) -> None:
+        path = P.decode_create_lockspace(xdr.Decoder(buf, pos, end))
         if c.restricted:
             raise P.err_restricted()
         self.locks.create_lockspace(path)
@@ -670,12 +682,11 @@ class Server(Listener):
         res.fdname = "lease-%d" % self.fd_seq
         if self.fdstore:
             self.notifier.fdstore(res.fd, res.fdname)
-        self._count_lease(owner, 1)
-        self._journal_acq(res, owner)
-        self._ensure_watched(owner)
+        self.owner_added(res, owner)
 
     def owner_added(self, res: Resource, owner: int) -> None:
-        self._count_lease(owner, 1)
+        leases = self.owner_leases
+        leases[owner] = leases.get(owner, 0) + 1
         self._journal_acq(res, owner)
         self._ensure_watched(owner)
 
@@ -683,7 +694,8 @@ class Server(Listener):
         # An owner without its own connection (adopted, recovered, or a QEMU
         # that closed its inherited socket early) is released when it exits.
         info = self.owners.get(owner)
-        if info is not None and not info.connected and owner not in self.owner_watch:
+        if info is not None and not info.connected and owner not in self.owner_watch \
+                and owner <= own.PID_MAX:
             self._watch(owner)
 
     def owner_removed(self, res: Resource, owner: int, count: int) -> None:
