@@ -5,10 +5,11 @@
     .venv/bin/python -m bench.repro_bigstate --leases 2000 --depth 1
 
 Found by the benchmark work (2026-11-26): the re-exec state file grows with
-the number of leases times the path length; `restore_from_exec()` reads at
-most 10 MiB of it, so a larger state is truncated, judged corrupt, and the new
-image cold-starts: the inherited lock socket is never served again (clients
-hang) while the kernel locks stay held by the leaked fds. The daemon runs in
+the number of leases times the path length; `restore_from_exec()` read at
+most 10 MiB of it, so a larger state was truncated, judged corrupt, and the
+new image cold-started: the inherited lock socket was never served again
+(clients hang) while the kernel locks stayed held by the leaked fds. Fixed in
+1c3920d ("compact state format read whole"); kept as a regression check. The daemon runs in
 a private mount namespace with a tmpfs /run, so a cold start cannot take over
 the host's /run/libvirt/virtlockd-sock.
 
