@@ -136,7 +136,7 @@ def build(results: dict, kinds: list) -> Summary:
                 runs = results["scale"].get(kind, [])
                 hang = any(r.get("hang") or r.get("unanswered") for r in runs) or not runs
                 if kind == "py":
-                    goals.append(Goal("%d owners connect, nothing hangs" % n, "no hang",
+                    goals.append(Goal("%s owners connect, nothing hangs" % "{:,}".format(int(n)), "no hang",
                                       "hang" if hang else "ok", not hang))
     if results.get("reexec"):
         c, o = _med(results, "reexec", None, "c"), _med(results, "reexec", None, "py")
@@ -257,8 +257,14 @@ def machine_info() -> dict:
     except OSError:
         distro = "?"
     try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+        git = ["git", "-C", str(ROOT)]
+        rev = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip()
+        src = subprocess.run(git + ["log", "-1", "--format=%h", "--", "lockd_src"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(git + ["status", "--porcelain", "--", "lockd_src"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        rev = "%s (lockd_src at %s%s)" % (rev, src, ", with uncommitted changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         rev = "?"
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
