@@ -254,6 +254,19 @@ def rewrite_pidfile(fd: int) -> None:
 
 def bind_unix(path: str) -> socket.socket:
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    if os.path.exists(path):
+        # libvirt unlinks whatever is there; if a daemon still serves that path
+        # every new client would silently go to us instead: refuse.
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+            raise Fatal("another daemon is already serving %s; stop it first (systemctl stop "
+                        "virtlockd.socket virtlockd.service) or use socket activation" % path)
+        except OSError:
+            pass  # stale: nobody listens
+        finally:
+            probe.close()
     try:
         os.unlink(path)
     except FileNotFoundError:

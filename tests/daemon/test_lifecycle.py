@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 import time
 
 import pytest
@@ -240,3 +241,34 @@ def test_reexec_keeps_a_half_sent_request_bigger_than_10mib_of_state(daemon, dis
     assert rpc.RPCError.decode(reply, 28).message.endswith("lock owner details have not been registered")
     with pytest.raises(LockError):
         client_for(daemon, UUID2, "vm2", fake_pid()).acquire("", disk)
+
+
+def test_refuses_to_steal_a_served_socket(tmp_path):
+    """Without socket activation the daemon binds its paths itself; if another
+    daemon still answers there it must not unlink and replace that socket."""
+    rt = tmp_path / "rt"
+    (rt / "libvirt").mkdir(parents=True)
+    d = str(tmp_path)
+    while d.startswith("/tmp/") and d != "/tmp":
+        os.chmod(d, 0o755)
+        d = os.path.dirname(d)
+    os.chmod(rt, 0o777)
+    os.chmod(rt / "libvirt", 0o777)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(rt), HOME=str(rt),
+               PYTHONPATH=str(Path(__file__).resolve().parents[2] / "lockd_src"))
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    first = subprocess.Popen(drop + ["/usr/bin/python3", "-m", "lockd"], env=env, cwd="/",
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        sock = rt / "libvirt" / "virtlockd-sock"
+        wait_for(lambda: sock.exists(), what="first daemon bound its socket")
+        second = subprocess.run(drop + ["/usr/bin/python3", "-m", "lockd", "-p", str(rt / "other.pid")],
+                                env=env, cwd="/", capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1
+        assert "another daemon is already serving %s" % sock in second.stderr
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(str(sock))                      # still the first daemon's socket
+        c.close()
+    finally:
+        first.terminate()
+        first.wait(10)
