@@ -143,8 +143,9 @@ def prepare_rootfs(suites=SUITES, pytestconfig=None) -> None:
             rootfs_base(suite)
 
 
-def _caps_cache(suite: str) -> Path:
-    return CACHE / f"{suite}.qemu-caps"
+def _caps_cache(base: str | Path) -> Path:
+    # Keyed like the rootfs: a rebuilt rootfs (other QEMU) starts a fresh cache.
+    return Path(str(base).removesuffix(".base") + ".qemu-caps")
 
 
 # ---------------------------------------------------------------- state
@@ -161,6 +162,7 @@ class Host:
     leader_pid: int = 0
     started: float = 0.0
     cgroup: str = ""
+    base: str = ""
 
     @property
     def root(self) -> Path:
@@ -359,6 +361,10 @@ class Cluster:
         bases = {suite: rootfs_base(suite) for suite in set(hosts.values())}
         run_dir.mkdir(parents=True, exist_ok=True)
         run_id = os.urandom(2).hex()
+        REGISTRY.mkdir(parents=True, exist_ok=True)
+        # Serialize subnet choice + bridge creation between concurrent creates.
+        netlock = open(REGISTRY / ".network.lock", "w")
+        fcntl.flock(netlock, fcntl.LOCK_EX)
         subnet = _pick_subnet()
         addrs = list(subnet.hosts())
         keyfile = Path(key) if key else run_dir / "id_ed25519"
@@ -379,14 +385,16 @@ class Cluster:
         for path in shares:
             run.shares[path] = str(run_dir / "shared" / path.strip("/").replace("/", "_"))
         run.save()
-        REGISTRY.mkdir(parents=True, exist_ok=True)
         reg = REGISTRY / run_id
         with contextlib.suppress(FileNotFoundError):
             reg.unlink()
         reg.symlink_to(run_dir)
         self = cls(run)
         try:
-            self._setup_network()
+            try:
+                self._setup_network()
+            finally:
+                netlock.close()
             if not keyfile.exists():
                 keyfile.parent.mkdir(parents=True, exist_ok=True)
                 _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"lockd-nspawn-{run_id}", "-f", str(keyfile)])
@@ -444,7 +452,8 @@ class Cluster:
         if self.run.kvm:
             (root / "etc/tmpfiles.d").mkdir(parents=True, exist_ok=True)
             (root / "etc/tmpfiles.d/kvm-nspawn.conf").write_text("c /dev/kvm 0660 root kvm - 10:232\n")
-        caps = _caps_cache(host.suite)
+        host.base = str(base)
+        caps = _caps_cache(base)
         if caps.is_dir() and any(caps.glob("*.xml")):
             dst = root / QEMU_CAPS_DIR
             dst.mkdir(parents=True, exist_ok=True)
@@ -552,6 +561,8 @@ class Cluster:
     def _poweroff(self, host: Host) -> None:
         if not _alive(host.nspawn_pid):
             return
+        with contextlib.suppress(OSError):
+            self.save_qemu_caps(host.name)
         if host.leader_pid and _alive(host.leader_pid):
             # Guests first: otherwise libvirt-guests delays poweroff by ~7 s.
             self.exec(host.name, "for d in $(virsh -q list --name 2>/dev/null); do virsh -q destroy \"$d\" >/dev/null 2>&1; done",
@@ -628,8 +639,8 @@ class Cluster:
         host = self.host(name)
         src = host.root / QEMU_CAPS_DIR
         files = list(src.glob("*.xml")) if src.is_dir() else []
-        dst = _caps_cache(host.suite)
-        if files and not (dst.is_dir() and any(dst.glob("*.xml"))):
+        dst = _caps_cache(host.base)
+        if host.base and files and not (dst.is_dir() and any(dst.glob("*.xml"))):
             dst.mkdir(parents=True, exist_ok=True)
             for f in files:
                 shutil.copy2(f, dst / f.name)
