@@ -76,19 +76,45 @@ def build(results: dict, kinds: list) -> Summary:
     rows = []
     goals: List[Goal] = []
 
+    # g(key) remembers the key so that row() can add the spread of the
+    # per-round ratios (C and ours of the same A/B round ran back to back).
+    ctx = {"node": None, "key": None}
+
+    def rounds_spread():
+        node, key = ctx["node"], ctx["key"]
+        ctx["key"] = None
+        if node is None or key is None:
+            return ""
+        rs = [_ratio(a.get(key), b.get(key)) for a, b in zip(node.get("c", []), node.get("py", []))
+              if "error" not in a and "error" not in b and isinstance(a.get(key), (int, float))]
+        rs = [r for r in rs if r is not None]
+        if len(rs) < 2:
+            return ""
+        return "%.2f-%.2f" % (min(rs), max(rs))
+
     def row(section, metric, c, ours, goal_txt="", cmp=None, goal_name=None):
         ratio = _ratio(c, ours)
+        spread = rounds_spread()
         ok = None
         if cmp is not None and ratio is not None:
             ok = cmp(ratio)
-        rows.append((section, metric, c, ours, ratio, goal_txt, ok))
+        rows.append((section, metric, c, ours, ratio, spread, goal_txt, ok))
         if goal_txt:
             goals.append(Goal(goal_name or "%s %s" % (section, metric), goal_txt,
-                              "-" if ratio is None else "%.2fx" % ratio, ok))
+                              "-" if ratio is None else "%.2fx" % ratio
+                              + (" (rounds %s)" % spread if spread else ""), ok))
+
+    def getter(node, c, o):
+        ctx["node"] = node
+
+        def g(k):
+            ctx["key"] = k
+            return (c or {}).get(k), (o or {}).get(k)
+        return g
 
     for lvl in sorted(results.get("acqrel", {}), key=int):
         c, o = _med(results, "acqrel", lvl, "c"), _med(results, "acqrel", lvl, "py")
-        g = lambda k: ((c or {}).get(k), (o or {}).get(k))  # noqa: E731
+        g = getter(results["acqrel"][lvl], c, o)
         sec = "acqrel %s client%s" % (lvl, "" if lvl == "1" else "s")
         in_goal = int(lvl) <= 16
         row(sec, "pairs/s", *g("pairs_s"), ">= 1.0x" if in_goal else "", (lambda r: r >= 1.0) if in_goal else None)
@@ -99,7 +125,7 @@ def build(results: dict, kinds: list) -> Summary:
         row(sec, "client CPU cores", *g("client_cores"))
     for lvl in sorted(results.get("vmstart", {}), key=int):
         c, o = _med(results, "vmstart", lvl, "c"), _med(results, "vmstart", lvl, "py")
-        g = lambda k: ((c or {}).get(k), (o or {}).get(k))  # noqa: E731
+        g = getter(results["vmstart"][lvl], c, o)
         sec = "vmstart %s client%s" % (lvl, "" if lvl == "1" else "s")
         row(sec, "cycles/s", *g("cycles_s"))
         row(sec, "p50 ms/cycle", *g("p50_ms"))
@@ -108,7 +134,7 @@ def build(results: dict, kinds: list) -> Summary:
         row(sec, "client CPU cores", *g("client_cores"))
     for n in sorted(results.get("idle", {}), key=int):
         c, o = _med(results, "idle", n, "c"), _med(results, "idle", n, "py")
-        g = lambda k: ((c or {}).get(k), (o or {}).get(k))  # noqa: E731
+        g = getter(results["idle"][n], c, o)
         sec = "idle %s owners" % "{:,}".format(int(n))
         row(sec, "pairs/s (1 client)", *g("pairs_s"))
         row(sec, "p99 us/RPC", *g("p99_us"))
@@ -125,7 +151,7 @@ def build(results: dict, kinds: list) -> Summary:
         c, o = _med(results, "scale", None, "c"), _med(results, "scale", None, "py")
         n = (o or c or {}).get("owners", 0)
         sec = "scale %s owners" % "{:,}".format(int(n))
-        g = lambda k: ((c or {}).get(k), (o or {}).get(k))  # noqa: E731
+        g = getter(results["scale"], c, o)
         row(sec, "time to connect all (s)", *g("connect_s"))
         row(sec, "RSS idle (MB)", *g("rss_idle_mb"))
         row(sec, "RSS with all owners (MB)", *g("rss_mb"), "<= 1.5x", lambda r: r <= 1.5)
@@ -142,7 +168,7 @@ def build(results: dict, kinds: list) -> Summary:
         c, o = _med(results, "reexec", None, "c"), _med(results, "reexec", None, "py")
         n = (o or c or {}).get("leases", 0)
         sec = "reexec %s leases" % "{:,}".format(int(n))
-        g = lambda k: ((c or {}).get(k), (o or {}).get(k))  # noqa: E731
+        g = getter(results["reexec"], c, o)
         row(sec, "serving again after (s)", *g("serving_s"))
         row(sec, "  of which until exec() (s)", *g("exec_s"))
         row(sec, "leases lost", *g("lost_leases"))
@@ -162,7 +188,8 @@ def build(results: dict, kinds: list) -> Summary:
             return ("answered in %.1f s" % r["seconds"]) if r["answered"] else "no reply (hangs)"
         any_run = next(iter(results["limit"].values()))[0]
         rows.append(("limit: max_clients=%d" % any_run["max_clients"],
-                     "client %d gets" % (any_run["max_clients"] + 1), verdict("c"), verdict("py"), None, "", None))
+                     "client %d gets" % (any_run["max_clients"] + 1), verdict("c"), verdict("py"), None, "", "",
+                     None))
         if results["limit"].get("py"):
             r = results["limit"]["py"][0]
             goals.append(Goal("at max_clients the daemon answers (no hang)", "answers",
@@ -204,10 +231,11 @@ def _mark(ok: Optional[bool]) -> str:
 
 
 def _text_table(rows, goals) -> str:
-    head = ("scenario", "metric", "C", "ours", "ours/C", "goal", "")
+    head = ("scenario", "metric", "C", "ours", "ours/C", "per round", "goal", "")
     lines = [head]
-    for sec, metric, c, o, ratio, goal, ok in rows:
-        lines.append((sec, metric, _fmt(c), _fmt(o), "-" if ratio is None else "%.2fx" % ratio, goal, _mark(ok)))
+    for sec, metric, c, o, ratio, spread, goal, ok in rows:
+        lines.append((sec, metric, _fmt(c), _fmt(o), "-" if ratio is None else "%.2fx" % ratio, spread, goal,
+                      _mark(ok)))
     w = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
     out = []
     for k, l in enumerate(lines):
@@ -222,11 +250,11 @@ def _text_table(rows, goals) -> str:
 
 
 def _md_table(rows) -> str:
-    out = ["| scenario | metric | C virtlockd | lockd (ours) | ours/C | goal | |",
-           "|---|---|---:|---:|---:|---|---|"]
-    for sec, metric, c, o, ratio, goal, ok in rows:
-        out.append("| %s | %s | %s | %s | %s | %s | %s |" % (
-            sec, metric, _fmt(c), _fmt(o), "-" if ratio is None else "%.2f×" % ratio, goal,
+    out = ["| scenario | metric | C virtlockd | lockd (ours) | ours/C | ours/C per round | goal | |",
+           "|---|---|---:|---:|---:|---:|---|---|"]
+    for sec, metric, c, o, ratio, spread, goal, ok in rows:
+        out.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            sec, metric, _fmt(c), _fmt(o), "-" if ratio is None else "%.2f×" % ratio, spread.replace("-", "–"), goal,
             {True: "✅ pass", False: "❌ fail", None: ""}[ok]))
     return "\n".join(out)
 
@@ -312,7 +340,10 @@ def write_docs(results: dict, summary: Summary, out_dir: Path, kinds: list) -> l
            "Ratios are ours / C, medians over the rounds. \"daemon CPU\" is utime+stime of the daemon "
            "process from `/proc/<pid>/stat` over the measurement window divided by the operations "
            "completed in it: the most machine-independent figure. \"client CPU cores\" is what the "
-           "load generator itself used of the 2 cores (it competes with the daemon).", "",
+           "load generator itself used of the 2 cores (it competes with the daemon). "
+           "\"ours/C per round\" is the range of the ratio over the A/B rounds (each C run and the "
+           "run of ours after it were back to back): a wide range means the machine was noisy and a "
+           "pass/fail near 1.0× is not significant.", "",
            summary.markdown_table, "",
            "## What each scenario does", "",
            "Both daemons get the same `virtlockd.conf` (`max_clients = %d`, because the C default of "
