@@ -322,6 +322,11 @@ def write_docs(results: dict, summary: Summary, out_dir: Path, kinds: list) -> l
         "| Python (ours) | %s |" % info["python"],
         "| C daemon | %s (Debian package) |" % info["c_daemon"],
         "| commit | %s |" % info["commit"],
+        "| load average (1 min) at the daemon starts | %s |" % (
+            "%.1f–%.1f (median %.1f) on %d cores" % (min(results["loadavg"]), max(results["loadavg"]),
+                                                   sorted(results["loadavg"])[len(results["loadavg"]) // 2],
+                                                   os.cpu_count() or 0)
+            if results.get("loadavg") else "not recorded"),
         "| mode | %s; %d A/B rounds (median quoted) for acqrel/vmstart/idle, %d for scale/reexec |"
         % (results["mode"], p["rounds"], p["heavy_rounds"]),
         "",

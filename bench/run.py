@@ -50,7 +50,11 @@ def daemon_conf(p: Params, max_clients: Optional[int] = None) -> dict:
     return {"max_clients": max_clients or p.max_clients, "admin_max_clients": 64, "log_level": 3}
 
 
+LOADAVG: list = []      # 1-minute load average at each daemon start: how noisy the machine was
+
+
 def start(kind: str, workdir: Path, tag: str, p: Params, max_clients: Optional[int] = None):
+    LOADAVG.append(os.getloadavg()[0])
     from tests.harness.daemons import DaemonError, start_daemon
     conf = daemon_conf(p, max_clients)
     env = argv = None
@@ -264,6 +268,7 @@ def main(argv=None) -> int:
                 if "error" in r:
                     failed.append("%s %s: %s" % (kind, sc, r["error"]))
     results["failed"] = failed
+    results["loadavg"] = LOADAVG
     summary = report.build(results, kinds)
     print()
     print(summary.table_text)
