@@ -108,8 +108,10 @@ def run_light_round(kind: str, rnd: int, workdir: Path, p: Params, only: set, ou
                 r = scenarios.vmstart(ctx, c)
                 out.setdefault("vmstart", {}).setdefault(str(c), {}).setdefault(kind, []).append(r)
                 log("%-4s vmstart  %3d clients: %8.0f cycles/s p50 %6.2f ms  p99 %7.2f ms  "
-                    "daemon %5.0f us CPU/cycle  client %.2f cores"
-                    % (kind, c, r["cycles_s"], r["p50_ms"], r["p99_ms"], r["cpu_us_cycle"], r["client_cores"]))
+                    "daemon %5.0f us CPU/cycle  client %.2f cores%s"
+                    % (kind, c, r["cycles_s"], r["p50_ms"], r["p99_ms"], r["cpu_us_cycle"], r["client_cores"],
+                       "  WARNING: %d disks still locked after every VM stopped" % r["leaked"]
+                       if r["leaked"] else ""))
         if "idle" in only:
             r = scenarios.idle(ctx)
             for n, v in r.items():

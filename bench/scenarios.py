@@ -155,6 +155,14 @@ def vmstart(ctx: Ctx, clients: int) -> dict:
         sets = [files[base + 4 * k: base + 4 * k + 4] for k in range(sets_per_worker)]
         workers.append(Worker("vmstart-%d" % w, loadgen.vmstart_worker, ctx.sock, w, sets, ctx.standin))
     run = _timed(ctx, workers, p.vmstart_secs)
+    # Every VM was stopped: once the daemon has handled the last EOFs, no disk
+    # may still be locked (proves the owner-EOF release path ran, for both).
+    deadline = time.monotonic() + 5.0
+    while True:
+        leaked = procstat.locked_count(files)
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     cyc = _lat([r["lat"] for r in run["results"]])
     start = _lat([r["lat_start"] for r in run["results"]])
     rpc = _lat([r["lat_rpc"] for r in run["results"]])
@@ -171,6 +179,7 @@ def vmstart(ctx: Ctx, clients: int) -> dict:
         "daemon_cores": run["daemon_cpu"] / p.vmstart_secs,
         "client_cores": run["client_cpu"] / p.vmstart_secs,
         "busy": sum(r["busy"] for r in run["results"]),
+        "leaked": leaked,
         "cycles": n,
     }
 

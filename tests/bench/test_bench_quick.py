@@ -59,6 +59,11 @@ def test_every_scenario_measured_both_daemons(quick_run):
                 ops = r.get("rpcs", r.get("cycles"))
                 assert ops and ops > 0, (level, kind, r)
                 assert r["client_cores"] >= 0
+    for level, by_kind in results["vmstart"].items():
+        for kind in ("c", "py"):
+            for r in by_kind[kind]:
+                # stopping a VM (owner EOF) released its disks
+                assert r["leaked"] == 0, (level, kind, r)
     for kind in ("c", "py"):
         scale = results["scale"][kind][0]
         assert "error" not in scale, scale
