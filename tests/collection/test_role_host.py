@@ -192,3 +192,24 @@ def test_site_preflight_refuses_a_host_without_systemd(ansible_env, tmp_path):
     assert "is not booted with systemd" in out, out[-3000:]
     assert 'localhost: FAILED at \\"Preflight - systemd must be PID 1\\"' in out, "the summary must say why"
     assert "lock_manager : " not in out, "the role must not run on a refused host"
+
+
+def test_adoption_in_an_indirect_lockspace_protects_like_libvirt(host, play):
+    """With file_lockspace_dir, libvirt leases sha256(disk path) in that directory; adoption must
+    take exactly that lease, or libvirt would not see it and a second VM would start."""
+    import hashlib
+    lockspace = "/var/lib/libvirt/lockd/files"
+    sh(host, "sed -i 's/^lock_manager = .*/lock_manager = \"nop\"/' /etc/libvirt/qemu.conf && systemctl restart libvirtd")
+    sh(host, "virsh start vma")
+    rc, _, out = play({"lock_manager_file_lockspace_dir": lockspace})
+    assert rc == 0, out[-4000:]
+    pid = qemu_pid(host, "vma")
+    held = {(lease["lockspace"], lease["resource"]): lease for lease in leases(host)}
+    shared = hashlib.sha256(f"{IMAGES}/shared.img".encode()).hexdigest()
+    own = hashlib.sha256(f"{IMAGES}/vma.img".encode()).hexdigest()
+    assert set(held) == {(lockspace, shared), (lockspace, own)}
+    assert [o["pid"] for o in held[(lockspace, shared)]["owners"]] == [pid]
+    proc = sh(host, "virsh start vmb", check=False)
+    assert proc.returncode != 0
+    assert f"resource busy: Lockspace resource '{shared}' is locked" in proc.stderr
+    sh(host, "virsh destroy vma")
