@@ -71,7 +71,7 @@ def test_socket_activation_by_name(cluster, host):
     assert env.get("LISTEN_FDS") == "2", env
     assert sorted(env["LISTEN_FDNAMES"].split(":")) == ["virtlockd-admin.socket", "virtlockd.socket"], env
     cmdline = sh(cluster, host, f"tr '\\0' ' ' < /proc/{pid}/cmdline")
-    assert "/usr/local/" in cmdline or "lockd" in cmdline, f"not our daemon: {cmdline}"
+    assert "/usr/local/sbin/virtlockd" in cmdline, f"not our daemon: {cmdline}"
     # Both sockets are served: the admin socket answers virtlockctl.
     status = json.loads(sh(cluster, host, "virtlockctl --json status"))
     assert status, status
