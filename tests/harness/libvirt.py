@@ -291,20 +291,6 @@ class LibvirtEnv:
         self.daemon.start(timeout)
         return self.daemon.pid
 
-    def socket_server_pid(self) -> int:
-        """Pid of the process that accepts on /run/libvirt/virtlockd-sock
-        (SO_PEERCRED of a fresh connection), to prove who answers."""
-        import socket as _s
-        import struct as _st
-        with _s.socket(_s.AF_UNIX, _s.SOCK_STREAM) as c:
-            c.settimeout(10)
-            c.connect(str(LOCK_SOCK))
-            from tests.harness.daemons import _PING, _PONG
-            c.sendall(_PING)           # make sure it is accepted and served
-            assert c.recv(len(_PONG)) == _PONG
-            pid, _uid, _gid = _st.unpack("3i", c.getsockopt(_s.SOL_SOCKET, _s.SO_PEERCRED, 12))
-            return pid
-
     def _lock_socket_answers(self) -> bool:
         from tests.harness.daemons import ping
         try:

@@ -211,6 +211,18 @@ def probe_setlk(path: Union[str, os.PathLike]) -> str:
 
 
 _OWNER_STUB = Path(__file__).with_name("owner_stub.py")
+_OWNERS: "list[StandInOwner]" = []
+
+
+def kill_all_owners() -> int:
+    """Kill every stand-in owner this process started (session teardown)."""
+    n = 0
+    for o in _OWNERS:
+        if o.proc.poll() is None:
+            o.kill()
+            n += 1
+    _OWNERS.clear()
+    return n
 
 
 class StandInOwner:
@@ -232,6 +244,7 @@ class StandInOwner:
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, bufsize=1)
         self.pid = self.proc.pid
+        _OWNERS.append(self)
         first = self.proc.stdout.readline().split()
         if not first or first[0] != "ready":
             self.proc.kill()
