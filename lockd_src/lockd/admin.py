@@ -134,7 +134,7 @@ def accept_admin(server, lsock: socket.socket) -> None:
     import select
     while True:
         try:
-            sock, _ = lsock.accept()
+            sock = lsock.accept()[0]
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -380,7 +380,7 @@ def _op_release(server, a: _Args) -> dict:
                         "lease %r in lockspace %r is held by running process %d (%s); stop that VM first, "
                         "or pass force=true to release it anyway (the VM then runs unprotected)"
                         % (res.name, res.lockspace.key, pid, info.name if info else "unknown owner"))
-    released = [lease_obj(server, res) for res, _ in targets]
+    released = [lease_obj(server, target[0]) for target in targets]
     if not dry_run:
         for res, pids in targets:
             if res.fd < 0:
@@ -491,9 +491,15 @@ class AdminClient:
         self.next_id += 1
         req = {"v": VERSION, "id": rid, "op": op, "args": args}
         try:
-            self.sock.sendall((json.dumps(req) + "\n").encode())
+            try:
+                self.sock.sendall((json.dumps(req) + "\n").encode())
+            except (BrokenPipeError, ConnectionResetError):
+                pass   # the daemon may have refused us already: its reason is buffered
             while b"\n" not in self.buf:
-                data = self.sock.recv(65536)
+                try:
+                    data = self.sock.recv(65536)
+                except ConnectionResetError:
+                    data = b""
                 if not data:
                     raise AdminError("not-lockd", "the daemon at %s closed the connection without answering: "
                                                   "it does not speak the lockd admin protocol (is this "
@@ -501,11 +507,12 @@ class AdminClient:
                 self.buf += data
         except socket.timeout:
             raise AdminError("timeout", "no answer from %s within %.0f s" % (self.path, self.timeout)) from None
-        except (BrokenPipeError, ConnectionResetError):
-            raise AdminError("not-lockd", "the daemon at %s dropped the connection: it does not speak the "
-                                          "lockd admin protocol (is this libvirt's C virtlockd?)" % self.path) from None
         line, self.buf = self.buf.split(b"\n", 1)
-        resp = json.loads(line)
+        try:
+            resp = json.loads(line)
+        except ValueError:
+            raise AdminError("bad-response", "the daemon at %s sent something that is not JSON" % self.path) \
+                from None
         if not resp.get("ok"):
             err = resp.get("error") or {}
             raise AdminError(err.get("code", "internal"), err.get("message", "unknown error"))

@@ -46,8 +46,8 @@ def human(cmd: str, result: dict) -> str:
                  "leases: %d held by %d owners in %d lockspaces" % (r["leases"], r["owners"], r["lockspaces"]),
                  "recovered at start: %d, lost: %d" % (r["recovered_leases"], len(r["lost_leases"]))]
         for lost in r["lost_leases"]:
-            lines.append("  LOST %s (lockspace %r, pids %s): %s" % (lost["resource"], lost["lockspace"],
-                                                                 lost["owners"], lost["reason"]))
+            lines.append("  LOST %s (lockspace %r, pids %s): %s"
+                         % (lost["resource"], lost["lockspace"], lost["owners"], lost["reason"]))
         return "\n".join(lines)
     if cmd == "leases":
         rows = [[lease["lockspace"] or "(direct)", lease["resource"], "shared" if lease["shared"] else "exclusive",

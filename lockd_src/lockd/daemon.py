@@ -340,7 +340,7 @@ def recover(server: Server, journal_path: str, stored: Dict[str, int]) -> None:
                 _drop_stale_fd(server, fd, r)
             log.info("%s: its owners are gone; released", desc)
             continue
-        for pid, _ in alive:
+        for pid, _since in alive:
             if pid in infos and pid not in server.owners:
                 server.owners[pid] = infos[pid]
         ls = locks.lockspaces.get(lskey)
@@ -360,7 +360,7 @@ def recover(server: Server, journal_path: str, stored: Dict[str, int]) -> None:
             if fd is not None:
                 res = locks.adopt(ls, name, r["path"], fd, r["flags"], alive)
                 res.fdname = r["fdname"]
-                for pid, _ in alive:
+                for pid, _since in alive:
                     server._count_lease(pid, 1)
                 server.recovered += 1
             else:
@@ -374,7 +374,7 @@ def recover(server: Server, journal_path: str, stored: Dict[str, int]) -> None:
         except (RPCError, OSError) as e:
             _lost(server, r, alive, str(e), None)
             continue
-        for pid, _ in alive:
+        for pid, _since in alive:
             server._ensure_watched(pid)
     for name, fd in stored.items():
         if name.startswith("lease-"):
@@ -402,7 +402,7 @@ def _drop_stale_fd(server: Server, fd: int, r: dict) -> None:
 
 def _lost(server: Server, r: dict, alive, reason: str, fd: Optional[int]) -> None:
     entry = {"lockspace": r["ls"], "resource": r["name"], "path": r["path"],
-             "owners": [pid for pid, _ in alive], "reason": reason}
+             "owners": [entry[0] for entry in alive], "reason": reason}
     server.lost.append(entry)
     log.critical("LEASE LOST: %r in lockspace %r held by pid(s) %s could not be re-taken: %s. "
                  "That VM now runs WITHOUT lock protection; check for a second writer and stop one.",
@@ -439,7 +439,7 @@ def save_for_exec(server: Server, pidfd: Optional[int], path: str) -> List[int]:
         resources.append([res.lockspace.key, res.name, res.path, res.fd, res.flags, res.fdname, res.dev,
                           res.ino, [[p, res.since.get(p, 0.0)] for p in res.owners]])
         fds.append(res.fd)
-    listeners = [[fd, kind] for fd, (_, kind) in server.listeners.items()]
+    listeners = [[fd, entry[1]] for fd, entry in server.listeners.items()]
     fds.extend(fd for fd in server.listeners)
     state = {
         "magic": str(os.getpid()), "format": EXEC_FORMAT, "listeners": listeners, "clients": clients,
@@ -620,7 +620,7 @@ def run(opts: Options) -> int:
         apply_exec_state(server, exec_state)
         del exec_state
         log.info("re-exec complete: %d clients, %d leases kept (state restored in %.0f ms)",
-                 len(server.clients), sum(1 for _ in server.locks.resources()), (time.monotonic() - t0) * 1000)
+                 len(server.clients), server.locks.count(), (time.monotonic() - t0) * 1000)
     else:
         fds = listen_fds_with_names()
         stored: Dict[str, int] = {}
@@ -668,7 +668,7 @@ def run(opts: Options) -> int:
     if status_fd is not None:
         os.write(status_fd, b"\0")
         os.close(status_fd)
-    leases = sum(1 for _ in server.locks.resources())
+    leases = server.locks.count()
     notifier.ready("serving %d leases, %d clients" % (leases, len(server.clients)))
     log.info("lockd %s serving (pid %d, %s locks%s)", __version__, os.getpid(), lock_type,
              ", fd store" if fdstore else "")
@@ -714,7 +714,7 @@ def reexec(server: Server, pidfd: int, restart_path: str) -> None:
     server.journal.close()
     argv = exec_argv()
     log.info("re-exec: %s (state of %d clients and %d leases written in %.0f ms)", " ".join(argv),
-             len(server.clients), sum(1 for _ in server.locks.resources()), (time.monotonic() - t0) * 1000)
+             len(server.clients), server.locks.count(), (time.monotonic() - t0) * 1000)
     for h in logging.getLogger("lockd").handlers:
         h.flush()
     signal.set_wakeup_fd(-1)

@@ -415,5 +415,9 @@ class Locks:
         for ls in self.lockspaces.values():
             yield from ls.resources.values()
 
+    def count(self) -> int:
+        """Number of held resources."""
+        return sum(len(ls.resources) for ls in self.lockspaces.values())
+
     def owners_of(self, owner: int) -> List[Resource]:
         return list(self.by_owner.get(owner, ()))

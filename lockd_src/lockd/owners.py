@@ -13,12 +13,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+
 def _pid_max() -> int:
     try:
         with open("/proc/sys/kernel/pid_max") as f:
             return int(f.read())
     except (OSError, ValueError):
         return 1 << 22   # the kernel's upper bound
+
 
 PID_MAX = _pid_max()     # no process can have a larger pid: skip /proc and pidfd for those
 

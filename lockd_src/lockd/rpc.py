@@ -120,7 +120,9 @@ class RPCError(Exception):
     @classmethod
     def decode(cls, buf: bytes, pos: int = 0) -> "RPCError":
         d = xdr.Decoder(buf, pos)
-        s = lambda: d.string(MESSAGE_STRING_MAX)  # noqa: E731
+
+        def s():
+            return d.string(MESSAGE_STRING_MAX)
         code = d.i32()
         domain = d.i32()
         message = d.optional(s)
@@ -174,7 +176,7 @@ def frame_length(buf: bytes) -> int:
 def decode_header(frame: bytes) -> Header:
     if len(frame) < 28:
         raise FrameError("Unable to decode message header")
-    _, prog, vers, proc, mtype, serial, status = HEADER.unpack_from(frame, 0)
+    prog, vers, proc, mtype, serial, status = HEADER.unpack_from(frame, 0)[1:]
     return Header(prog, vers, proc, mtype, serial, status)
 
 

@@ -212,7 +212,7 @@ class Server(Listener):
             if timers:
                 now = time.monotonic()
                 while timers and timers[0][0] <= now:
-                    _, _, fn, args = heapq.heappop(timers)
+                    fn, args = heapq.heappop(timers)[2:]
                     if fn is not None:
                         try:
                             fn(*args)
@@ -222,7 +222,7 @@ class Server(Listener):
                 self._check_idle()
 
     def _check_idle(self) -> None:
-        if self.clients or self.admins or self.waiting or any(True for _ in self.locks.resources()):
+        if self.clients or self.admins or self.waiting or self.locks.count():
             self._idle_since = time.monotonic()
         elif time.monotonic() - self._idle_since >= self.idle_timeout:
             log.info("no clients and no leases for %d s: exiting (--timeout)", self.idle_timeout)
@@ -235,9 +235,9 @@ class Server(Listener):
 
     def _on_accept_lock(self, fd: int, ev: int) -> None:
         lsock = self.listeners[fd][0]
-        for _ in range(64):
+        for _attempt in range(64):
             try:
-                sock, _ = lsock.accept()
+                sock = lsock.accept()[0]
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -268,14 +268,14 @@ class Server(Listener):
         return c
 
     def _pause_accepting(self, delay: float) -> None:
-        for lfd, (_, kind) in self.listeners.items():
-            if kind == "lock" and lfd in self.handlers:
+        for lfd, entry in self.listeners.items():
+            if entry[1] == "lock" and lfd in self.handlers:
                 self.ep.modify(lfd, 0)
         self.call_later(delay, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
-        for lfd, (_, kind) in self.listeners.items():
-            if kind == "lock" and lfd in self.handlers:
+        for lfd, entry in self.listeners.items():
+            if entry[1] == "lock" and lfd in self.handlers:
                 self.ep.modify(lfd, EPOLLIN)
 
     # max_clients: libvirt stops accepting and lets new clients hang forever.
@@ -411,7 +411,7 @@ class Server(Listener):
         return True
 
     def dispatch(self, c: LockConn, buf: bytes, pos: int, n: int):
-        _, prog, vers, proc, mtype, serial, status = _HDR.unpack_from(buf, pos)
+        prog, vers, proc, mtype, serial, status = _HDR.unpack_from(buf, pos)[1:]
         body_at = pos + 28
         if mtype == rpc.CALL_WITH_FDS:
             # libvirt reads the fd count and the fds before routing the call
@@ -505,7 +505,7 @@ class Server(Listener):
         self.locks.new_lockspace(path)
 
     def _resource_call(self, c: LockConn, buf: bytes, pos: int, end: int, proc: int):
-        (path, name, flags), _ = decode_resource_at(buf, pos, end)
+        path, name, flags = decode_resource_at(buf, pos, end)[0]
         if flags & ~P.ALLOWED_FLAGS[proc]:
             raise P.err_flags(proc, flags)
         if c.restricted:
@@ -518,11 +518,11 @@ class Server(Listener):
         return ls, name, flags
 
     def _create_resource(self, c: LockConn, buf: bytes, pos: int, end: int) -> None:
-        ls, name, _ = self._resource_call(c, buf, pos, end, P.PROC_CREATE_RESOURCE)
+        ls, name = self._resource_call(c, buf, pos, end, P.PROC_CREATE_RESOURCE)[:2]
         self.locks.create_resource(ls, name)
 
     def _delete_resource(self, c: LockConn, buf: bytes, pos: int, end: int) -> None:
-        ls, name, _ = self._resource_call(c, buf, pos, end, P.PROC_DELETE_RESOURCE)
+        ls, name = self._resource_call(c, buf, pos, end, P.PROC_DELETE_RESOURCE)[:2]
         self.locks.delete_resource(ls, name)
 
     def _acquire(self, c: LockConn, buf: bytes, pos: int, end: int) -> None:
@@ -537,7 +537,7 @@ class Server(Listener):
         self.locks.acquire(ls, name, pid, flags)
 
     def _release(self, c: LockConn, buf: bytes, pos: int, end: int) -> None:
-        ls, name, _ = self._resource_call(c, buf, pos, end, P.PROC_RELEASE_RESOURCE)
+        ls, name = self._resource_call(c, buf, pos, end, P.PROC_RELEASE_RESOURCE)[:2]
         self.locks.release(ls, name, c.owner.pid)
 
     def _create_lockspace(self, c: LockConn, buf: bytes, pos: int, end: int) -> None:
@@ -740,8 +740,8 @@ class Server(Listener):
             self.drop(c)
         for a in list(self.admins.values()):
             a.close()
-        for sock, _, _ in list(self.waiting):
-            sock.close()
+        for entry in list(self.waiting):
+            entry[0].close()
         self.waiting.clear()
 
     # -- admin (implemented in admin.py) ---------------------------------------------------
@@ -751,7 +751,7 @@ class Server(Listener):
         accept_admin(self, self.listeners[fd][0])
 
     def status(self) -> dict:
-        leases = sum(1 for _ in self.locks.resources())
+        leases = self.locks.count()
         return {
             "pid": os.getpid(), "started": self.started, "uptime": round(time.time() - self.started, 3),
             "lock_type": self.locks.lock_type, "socket_activated": self.socket_activated,
