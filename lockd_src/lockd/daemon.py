@@ -395,6 +395,10 @@ def _drop_stale_fd(server: Server, fd: int, r: dict) -> None:
             os.unlink(r["path"])
         except OSError:
             pass
+    try:
+        set_lock(fd, fcntl.F_UNLCK, server.locks.lock_type)   # systemd's copy shares this lock
+    except OSError:
+        pass
     if r.get("fdname"):
         server.notifier.fdstore_remove(r["fdname"])
     os.close(fd)

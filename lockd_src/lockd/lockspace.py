@@ -405,6 +405,13 @@ class Locks:
                     os.unlink(res.path)
                 except OSError:
                     pass
+        # Unlock explicitly: a copy of this open file description may live on
+        # elsewhere (systemd's fd store until it processes FDSTOREREMOVE), and
+        # with OFD locks that copy would keep the lock after our close().
+        try:
+            set_lock(res.fd, fcntl.F_UNLCK, self.lock_type)
+        except OSError:
+            pass
         self.listener.resource_removed(res)
         os.close(res.fd)
         res.fd = -1

@@ -235,3 +235,20 @@ def test_owner_index_stays_consistent(tmp_path):
             for pid in res.owners:
                 scan.setdefault(pid, set()).add(res)
         assert {pid: set(held) for pid, held in locks.by_owner.items()} == scan
+
+
+def test_release_unlocks_even_if_a_copy_of_the_fd_lives_on(tmp_path):
+    """systemd's fd store holds a copy of each lease fd until it processes
+    FDSTOREREMOVE: the release itself must drop the OFD lock, or an immediate
+    re-acquire would find the disk still locked."""
+    locks = L.Locks("ofd")
+    disk = tmp_path / "disk.img"
+    disk.write_text("")
+    res = locks.acquire(locks.default, str(disk), OWNER, 0)
+    copy = os.dup(res.fd)                     # what systemd keeps
+    try:
+        locks.release(locks.default, str(disk), OWNER)
+        assert probe_lock(disk) == "free"
+        locks.acquire(locks.default, str(disk), OTHER, 0)
+    finally:
+        os.close(copy)
