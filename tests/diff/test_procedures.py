@@ -345,3 +345,33 @@ def test_long_names(differential):
         r.rec_exists("ls/d\u00e9j\u00e0-vu")
         r.rec("name with slash", c.acquire(ls, "sub/x", AUTO))
     differential(sc)
+
+
+def test_nul_inside_strings(differential):
+    """XDR strings may contain NUL bytes; the C daemon uses them as C strings,
+    i.e. cut at the first NUL, in file paths and in messages alike."""
+    from lockd import xdr
+
+    def raw(c, proc, payload):
+        return c.call(proc, payload)
+
+    def sc(r):
+        c = r.registered()
+        ls = r.path("ls")
+        nul = lambda s: s.encode() + b"\0junk"   # noqa: E731
+        r.rec("create_lockspace 'ls\\0junk'", raw(c, P.PROC_CREATE_LOCKSPACE, xdr.string(nul(ls))))
+        r.rec_exists("ls")
+        r.rec("acquire missing '\\0' name", raw(c, P.PROC_ACQUIRE_RESOURCE,
+                                               xdr.string(b"") + xdr.string(nul(r.path("missing"))) + xdr.u32(0)))
+        r.rec("acquire disk1 with NUL suffix", raw(c, P.PROC_ACQUIRE_RESOURCE,
+                                                   xdr.string(b"") + xdr.string(nul(r.path("disk1.img"))) + xdr.u32(0)))
+        r.rec("acquire disk1 plain (same resource?)", c.acquire("", r.path("disk1.img")))
+        r.rec("release with NUL suffix", raw(c, P.PROC_RELEASE_RESOURCE,
+                                             xdr.string(b"") + xdr.string(nul(r.path("disk1.img"))) + xdr.u32(0)))
+        r.rec("lockspace path with NUL suffix", raw(c, P.PROC_ACQUIRE_RESOURCE,
+                                                    xdr.string(nul(ls)) + xdr.string(b"lease") + xdr.u32(P.ACQUIRE_AUTOCREATE)))
+        r.rec_exists("ls/lease")
+        r.rec("name with NUL in a lockspace", raw(c, P.PROC_ACQUIRE_RESOURCE,
+                                                  xdr.string(ls) + xdr.string(b"le\0ase2") + xdr.u32(P.ACQUIRE_AUTOCREATE)))
+        r.rec_exists("ls/le")
+    differential(sc)
