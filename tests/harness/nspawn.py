@@ -122,8 +122,10 @@ def rootfs_base(suite: str) -> Path:
         _run(["tar", "-C", str(tmp), "-I", "zstd", "--xattrs", "--xattrs-include=*",
               "--numeric-owner", "-xpf", str(tarball)])
         # Remove older bases of the same suite (stale cache keys).
+        # (not while a running host still boots from it)
+        mounts = Path("/proc/mounts").read_text()
         for old in tarball.parent.glob(f"{suite}-*.base"):
-            if old != base:
+            if old != base and f"lowerdir={old}," not in mounts:
                 shutil.rmtree(old, ignore_errors=True)
         tmp.rename(base)
         log(f"unpacked in {time.monotonic() - t0:.1f} s")
