@@ -66,8 +66,20 @@ def _machine() -> str:
             f"{virt}, Python {platform.python_version()}, /dev/kvm usable: {kvm} (VMs run under TCG)")
 
 
+_DESELECTED: "list[str]" = []
+
+
+def pytest_deselected(items):
+    _DESELECTED.extend(i.nodeid for i in items if "/reliability/" in i.nodeid)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not _ROWS:
+        return
+    if _DESELECTED:
+        # A partial run (-k/-m) must not replace the table of a full run.
+        print(f"\n[reliability] partial run ({len(_DESELECTED)} reliability tests deselected): "
+              f"{DOC.relative_to(REPO)} left unchanged")
         return
     failed = sorted(n for n, o in _OUTCOMES.items() if o == "failed" and "/reliability/" in n)
     lines = [
