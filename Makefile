@@ -1,5 +1,5 @@
 # lockd.virtlockd — top-level entry points.
-#   make demo   set up and run the two-VMs-one-disk demonstration
+#   make demo   set up and run the demonstration: Ansible rollout to a systemd host, two VMs one disk
 #   make test   install everything a fresh Debian 12 machine needs, run the whole suite
 #
 # Extending: add your target in the marked section near the end; depend on
@@ -19,10 +19,11 @@ PYTEST_ARGS ?=
 # Every tool the tests shell out to (pytest, ansible-*, molecule, virtlockd) comes from the venv.
 RUN := PATH="$(VENV_BIN):$$PATH"
 
-.PHONY: help deps venv test test-unit test-diff test-e2e test-reliability demo clean
+.PHONY: help deps venv test test-unit test-diff test-e2e test-reliability demo demo-local clean
 
 help:
-	@echo "make demo              two VMs, one disk: our lock daemon refuses the second VM (real libvirt + QEMU)"
+	@echo "make demo              Ansible rollout to a systemd host; two VMs, one disk: the second refused, also after SIGKILL of the lock daemon"
+	@echo "make demo-local        two VMs, one disk with this machine's libvirtd + QEMU (no Ansible)"
 	@echo "make test              install dependencies, run the whole test suite (ends with pytest's summary)"
 	@echo "make test-unit|test-diff|test-e2e|test-reliability   one group only"
 	@echo "make bench [QUICK=1]   benchmarks against the C virtlockd (docs/benchmarks.md; QUICK=1: smoke, <1 min)"
@@ -58,7 +59,9 @@ test-reliability: deps venv
 	$(RUN) $(VENV_BIN)/python -m pytest tests/reliability $(PYTEST_ARGS)
 
 demo: deps venv
-	$(RUN) scripts/demo.sh
+	$(RUN) scripts/demo.sh rollout
+demo-local: deps venv
+	$(RUN) scripts/demo.sh local
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

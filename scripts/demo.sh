@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Two VMs, one disk, against this project's lock daemon (lockd) with real
-# libvirtd + QEMU on this host. Prints each step and ends with PASS/FAIL.
-#   scripts/demo.sh          our daemon
-#   scripts/demo.sh c        Debian's C virtlockd, for comparison
+# The demonstrations. Each prints every step and ends with PASS/FAIL.
+#   scripts/demo.sh          the Ansible rollout (scripts/demo_rollout.py): the collection
+#                            rolled out to a systemd-nspawn hypervisor, two VMs on one disk,
+#                            the lock daemon SIGKILLed in between ([--keep] leaves the host up)
+#   scripts/demo.sh local    two VMs, one disk, our daemon with libvirtd + QEMU on this machine
+#                            (no Ansible; `py` is the same)
+#   scripts/demo.sh c        the same with Debian's C virtlockd, for comparison
 # Needs root, the apt packages from scripts/install-deps.sh and the venv
 # (`make demo` does all of that). Everything it changes is restored at the end.
 set -euo pipefail
@@ -12,4 +15,9 @@ if [[ ! -x $PY ]]; then
     echo "demo: $PY missing; run 'make demo' (it creates the venv)" >&2
     exit 1
 fi
-exec "$PY" -m tests.harness.libvirt demo "${1:-py}"
+case "${1:-rollout}" in
+    rollout) shift $(($# > 0)); exec "$PY" scripts/demo_rollout.py "$@" ;;
+    --keep) exec "$PY" scripts/demo_rollout.py "$@" ;;
+    local|py) exec "$PY" -m tests.harness.libvirt demo py ;;
+    *) exec "$PY" -m tests.harness.libvirt demo "$1" ;;
+esac
