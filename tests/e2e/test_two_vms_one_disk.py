@@ -142,6 +142,46 @@ def test_libvirtd_restart_keeps_the_locks(lv):
     assert len(byte0_locks(lv, EXTRA)) == 1
 
 
+def test_sigusr1_live_reexec_keeps_the_locks(lv):
+    """ExecReload=kill -USR1: the daemon re-execs in place (same pid), keeps the
+    lease fds, vm1's connection and the listening socket."""
+    lv.define("vm1")
+    lv.define("vm2")
+    lv.start("vm1")
+    pid = lv.lockd_pid
+    before = byte0_locks(lv, EXTRA)
+    start_before, stack_before = _stat(pid)
+    lv.signal_lock_daemon(signal.SIGUSR1)
+
+    # exec() gives the process a new, randomised stack (stat field startstack)
+    # while pid and start time stay; then it must serve its admin socket again.
+    def reexeced():
+        if _stat(pid)[1] == stack_before:
+            return False
+        try:
+            with AdminClient(str(ADMIN_SOCK), timeout=2) as a:
+                return a.call("status")["pid"] == pid
+        except Exception:  # noqa: BLE001 - not serving yet
+            return False
+    lv.wait_for("the re-exec'd daemon to serve", reexeced)
+    assert lv.lockd_pid == pid and lv.lock_daemon_alive()
+    assert _stat(pid)[0] == start_before       # the same process, not a restart
+    assert byte0_locks(lv, EXTRA) == before
+    res = lv.start("vm2", check=False)
+    assert res.error_lines[-1:] == [BUSY], res.stderr
+    # vm1's own connection survived the exec: when vm1 goes, its lease goes.
+    lv.destroy("vm1")
+    lv.wait_for("vm1's lease to go", lambda: byte0_locks(lv, EXTRA) == [])
+    assert lv.start("vm2", check=False).ok
+
+
+def _stat(pid):
+    """(start time, start of stack) from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return fields[19], fields[25]
+
+
 def test_indirect_mode_lease_files_by_sha256(lv):
     lv.set_indirect(True)          # qemu-lockd.conf + libvirtd restart
     try:
