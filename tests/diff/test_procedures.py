@@ -375,3 +375,30 @@ def test_nul_inside_strings(differential):
                                                   xdr.string(ls) + xdr.string(b"le\0ase2") + xdr.u32(P.ACQUIRE_AUTOCREATE)))
         r.rec_exists("ls/le")
     differential(sc)
+
+
+def test_locks_held_by_another_host(differential):
+    """fcntl conflicts with a lock held outside the daemon (another host's
+    virtlockd on shared storage): EAGAIN/EACCES -> busy, and the shared lease
+    file is not deleted while another host still holds it (spec §4.4)."""
+    from tests.harness.wire import ForeignLock
+
+    def sc(r):
+        c = r.registered()
+        ls = r.path("leases")
+        c.create_lockspace(ls)
+        with ForeignLock(r.path("disk1.img")):
+            r.rec("exclusive while another host holds it exclusively", c.acquire("", r.path("disk1.img")))
+            r.rec("shared while another host holds it exclusively", c.acquire("", r.path("disk1.img"), SHARED))
+        r.rec("exclusive once the other host let go", c.acquire("", r.path("disk1.img")))
+        r.rec("release", c.release("", r.path("disk1.img")))
+        r.mkfile("leases/L")
+        with ForeignLock(r.path("leases/L"), shared=True):
+            r.rec("shared|auto next to another host's shared lock", c.acquire(ls, "L", SHARED | AUTO))
+            r.rec("release: upgrade to exclusive fails, so no unlink", c.release(ls, "L"))
+            r.rec_exists("leases/L")
+            r.rec("exclusive|auto against the other host's shared lock", c.acquire(ls, "L", AUTO))
+        r.rec("shared|auto alone", c.acquire(ls, "L", SHARED | AUTO))
+        r.rec("release alone: deleted", c.release(ls, "L"))
+        r.rec_exists("leases/L")
+    differential(sc)

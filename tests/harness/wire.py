@@ -210,6 +210,35 @@ def probe_setlk(path: Union[str, os.PathLike]) -> str:
                           text=True, timeout=30, check=True).stdout.strip()
 
 
+class ForeignLock:
+    """Another process (think: virtlockd on another host sharing the storage)
+    holding a POSIX lock on byte 0 of `path` until close()."""
+
+    def __init__(self, path: Union[str, os.PathLike], shared: bool = False):
+        code = ("import fcntl,os,sys\n"
+                "fd=os.open(sys.argv[1],os.O_RDWR)\n"
+                "fcntl.lockf(fd,(fcntl.LOCK_SH if sys.argv[2]=='1' else fcntl.LOCK_EX)|fcntl.LOCK_NB,1,0,0)\n"
+                "print('held',flush=True)\n"
+                "sys.stdin.read()\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(path), "1" if shared else "0"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        if line != "held":
+            self.close()
+            raise RuntimeError(f"could not take the foreign lock on {path}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(10)
+
+    def __enter__(self) -> "ForeignLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 _OWNER_STUB = Path(__file__).with_name("owner_stub.py")
 _OWNERS: "list[StandInOwner]" = []
 
