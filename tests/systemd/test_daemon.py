@@ -147,3 +147,63 @@ def test_leases_survive_sigkill_restart_and_stop(cluster, host, vms):
                     "vm2 starts after vm1 is destroyed", timeout=20, interval=0.5)
     assert r.returncode == 0
     sh(cluster, host, "virsh -q destroy vm2")
+
+
+def test_indirect_lockspace_survives_restart(cluster, host, vms):
+    """Named (file) lockspaces outlive the daemon process: the C daemon forgets
+    them, so after its restart every indirect acquire fails until libvirtd is
+    restarted too. Here libvirtd is NOT restarted after the daemon restarts."""
+    import hashlib
+
+    sh(cluster, host, "systemctl reset-failed virtlockd.service")  # start-rate counter of earlier tests
+    hl.enable_lockd_in_qemu(cluster, host, indirect=True)  # restarts libvirtd: CREATE_LOCKSPACE
+    name = hashlib.sha256(hl.EXTRA.encode()).hexdigest()
+    busy = f"resource busy: Lockspace resource '{name}' is locked"
+    try:
+        assert hl.start(cluster, host, "vm1").returncode == 0
+        qpid = hl.qemu_pid(cluster, host, "vm1")
+        old = hl.daemon_pid(cluster, host)
+        sh(cluster, host, "systemctl restart virtlockd.service")
+        active_pid(cluster, host, not_pid=old)
+        r = hl.start(cluster, host, "vm2")
+        assert r.returncode != 0 and busy in r.stderr, r.stderr
+        assert hl.qemu_pid(cluster, host, "vm1") == qpid
+        sh(cluster, host, "virsh -q destroy vm1")
+        # A fresh acquire in the same named lockspace works without a libvirtd restart.
+        r = hl.wait_for(lambda: (lambda p: p if p.returncode == 0 else None)(hl.start(cluster, host, "vm2")),
+                        "vm2 starts in the file lockspace after vm1 is destroyed", timeout=20, interval=0.5)
+        assert r.returncode == 0
+    finally:
+        sh(cluster, host, "virsh -q destroy vm1; virsh -q destroy vm2; true")
+        hl.enable_lockd_in_qemu(cluster, host, indirect=False)
+
+
+def test_crash_loop_keeps_leases(cluster, host, vms):
+    """Five crashes within 10 s hit systemd's default start limit; a failed unit
+    on systemd 252 loses its fd store, and with it every lease
+    (docs/notes-systemd-fdstore.md, addendum). The unit must not let that happen."""
+    sh(cluster, host, "systemctl reset-failed virtlockd.service")  # earlier tests restarted it too
+    assert hl.start(cluster, host, "vm1").returncode == 0
+    try:
+        qpid = hl.qemu_pid(cluster, host, "vm1")
+        for _ in range(7):
+            old = hl.daemon_pid(cluster, host)
+            if old == 0:
+                break  # the unit gave up: checked below
+            sh(cluster, host, "systemctl kill -s SIGKILL virtlockd.service")
+
+            def settled():
+                st = sh(cluster, host, "systemctl show -P ActiveState virtlockd.service").strip()
+                return st == "failed" or (st == "active" and hl.daemon_pid(cluster, host) not in (0, old))
+            hl.wait_for(settled, "virtlockd.service restarted (or failed)")
+        state = sh(cluster, host, "systemctl show -P ActiveState virtlockd.service").strip()
+        result = sh(cluster, host, "systemctl show -P Result virtlockd.service").strip()
+        store = sh(cluster, host, "systemctl show -P NFileDescriptorStore virtlockd.service").strip()
+        assert state == "active", (
+            f"virtlockd.service gave up after a crash loop (state {state}, result {result}, "
+            f"{store} fds left in its fd store): set StartLimitIntervalSec=0 in the unit's [Unit] section")
+        active_pid(cluster, host)
+        assert_protected(cluster, host, qpid)
+    finally:
+        sh(cluster, host, "virsh -q destroy vm1; virsh -q destroy vm2; systemctl reset-failed virtlockd.service; "
+                          "systemctl start virtlockd.socket virtlockd-admin.socket; true")
