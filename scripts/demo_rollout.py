@@ -53,7 +53,7 @@ LOGS = REPO / ".cache" / "demo-logs"
 VENV_BIN = Path(sys.executable).parent
 # Ansible output echoed live, condensed (the full output goes to the log):
 # one line per task with its first result, messages, failures and the recap.
-TASK_LINE = re.compile(r"^TASK \[(.*)\] \**$")
+TASK_LINE = re.compile(r"^(?:TASK|RUNNING HANDLER) \[(.*)\] \**$")
 RESULT_LINE = re.compile(r"^(ok|changed|skipping|failed|fatal): \[")
 SHOW_LINE = re.compile(r"^(PLAY \[|PLAY RECAP|\S+\s+: ok=)|\"msg\": \"|^\s+\"\S+: |^fatal:|^failed:")
 
@@ -330,24 +330,27 @@ class Demo:
 
 
 def _terminate(signum, _frame):
-    # SIGTERM/SIGHUP behave like Ctrl-C: unwind through the cleanup.
-    raise KeyboardInterrupt(f"signal {signum}")
+    # Ctrl-C, SIGTERM, SIGHUP: unwind through the cleanup (also when started
+    # in the background, where SIGINT arrives ignored).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keep", action="store_true", help="leave the host running at the end (prints how to remove it)")
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     say("lockd.virtlockd rollout demo: Ansible rolls lockd out to a real systemd hypervisor,")
     say("then two VMs share one disk and the lock daemon is killed in between.")
     demo = Demo(args.keep)
     failure = None
     try:
         demo.run()
-    except KeyboardInterrupt:
-        failure = "interrupted"
+    except KeyboardInterrupt as e:
+        failure = f"interrupted ({e or 'Ctrl-C'})"
     except (DemoFailure, NspawnError) as e:
         failure = str(e)
     except Exception as e:  # a bug in the demo itself: still clean up, still say so
