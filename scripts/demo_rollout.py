@@ -314,9 +314,11 @@ class Demo:
         with Step(9, "Clean up: VMs destroyed, host powered off and removed" if not self.keep
                   else "Keep: host left running (--keep)"):
             if self.keep and self.cluster is not None:
-                say(f"    look around:  {sys.executable} -m tests.harness.nspawn exec {self.work / 'nspawn'} {HOST} -- virsh list --all")
-                say(f"    remove it:    {sys.executable} -m tests.harness.nspawn destroy {self.work / 'nspawn'}")
-                say(f"    inventory:    {self.work / 'inventory.ini'} (collections: {self.work / 'collections'})")
+                harness = f"cd {REPO} && {sys.executable} -m tests.harness.nspawn"
+                say(f"    look around:  {harness} exec {self.work / 'nspawn'} {HOST} -- virsh list --all")
+                say(f"    Ansible:      ANSIBLE_COLLECTIONS_PATH={self.work / 'collections'} ANSIBLE_HOST_KEY_CHECKING=False "
+                    f"{VENV_BIN / 'ansible'} -i {self.work / 'inventory.ini'} hypervisors -m ping")
+                say(f"    remove it:    {harness} destroy {self.work / 'nspawn'} && rm -rf {self.work}")
                 return
             # Ansible's ssh control masters for this run (they would linger for 60 s).
             cp = self.work / "ansible-home" / "cp"
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         failure = failure or "interrupted during cleanup"
     except Exception as e:
         say(f"    cleanup error: {e}")
-        say("    leftovers: python -m tests.harness.nspawn destroy --all")
+        say(f"    leftovers: {sys.executable} -m tests.harness.nspawn destroy --match lockd-demo-")
         failure = failure or f"cleanup failed: {e}"
     say("")
     if failure:
