@@ -24,7 +24,7 @@ Ends with ``DEMO PASSED`` or ``DEMO FAILED: <reason>`` (exit 0 / 1).
     .venv/bin/python scripts/demo_rollout.py        (what `make demo` runs; root)
     .venv/bin/python scripts/demo_rollout.py --keep (leave the host up to look around)
 
-Logs of the Ansible runs: .cache/demo-logs/.
+Logs of the Ansible runs: .cache/demo-logs/<date>-<run>/ (the newest 10 runs).
 """
 from __future__ import annotations
 
@@ -108,6 +108,12 @@ class Demo:
     def __init__(self, keep: bool):
         self.keep = keep
         self.work = Path(tempfile.mkdtemp(prefix="lockd-demo-"))
+        # One log directory per run (concurrent runs must not share files); the
+        # newest few are kept.
+        self.logs = LOGS / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.work.name.removeprefix('lockd-demo-')}"
+        old_logs = sorted(LOGS.glob("2*-*")) if LOGS.is_dir() else []
+        for old in old_logs[:-9]:
+            shutil.rmtree(old, ignore_errors=True)
         self.cluster: Cluster | None = None
         self.env = dict(os.environ)
         self.env.update(
@@ -143,8 +149,8 @@ class Demo:
         return proc
 
     def playbook(self, name: str, *args: str) -> None:
-        LOGS.mkdir(parents=True, exist_ok=True)
-        log_path = LOGS / f"{name.rsplit('.', 1)[-1]}.log"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log_path = self.logs / f"{name.rsplit('.', 1)[-1]}.log"
         cmd = [str(VENV_BIN / "ansible-playbook"), "-i", str(self.work / "inventory.ini"), name, *args]
         say(f"    $ {' '.join(cmd[1:]).replace(str(self.work), '$DEMO')}   (log: {log_path.relative_to(REPO)})")
         t = time.monotonic()
@@ -368,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     say("")
     if failure:
         say(f"DEMO FAILED: {failure}  (after {time.monotonic() - T0:.0f} s)")
-        say(f"  Ansible logs: {LOGS.relative_to(REPO)}/; rerun with --keep to investigate the host.")
+        say(f"  Ansible logs: {demo.logs.relative_to(REPO)}/; rerun with --keep to investigate the host.")
         return 1
     say(f"DEMO PASSED in {time.monotonic() - T0:.0f} s: the rollout worked, vm2 was refused while vm1 ran,")
     say("  also after the lock daemon was SIGKILLed, and started once vm1 stopped.")
