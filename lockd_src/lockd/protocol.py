@@ -120,8 +120,13 @@ def decode_resource_at(buf: bytes, pos: int, end: int):
     pos = b + m + (-m & 3)
     if m > STRING_MAX or pos + 4 > end:
         raise xdr.XDRError("bad or truncated string at offset %d" % (b - 4))
-    return ResourceArgs(buf[a:a + n].decode("utf-8", "surrogateescape"),
-                        buf[b:b + m].decode("utf-8", "surrogateescape"),
+    path = buf[a:a + n]
+    name = buf[b:b + m]
+    if b"\0" in path:                     # C strings end at the first NUL (see xdr.Decoder.string)
+        path = path[:path.index(b"\0")]
+    if b"\0" in name:
+        name = name[:name.index(b"\0")]
+    return ResourceArgs(path.decode("utf-8", "surrogateescape"), name.decode("utf-8", "surrogateescape"),
                         unpack(buf, pos)[0]), pos + 4
 
 

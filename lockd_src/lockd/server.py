@@ -234,31 +234,32 @@ class Server(Listener):
         return uid == 0 if self.privileged else uid == self.euid
 
     def _on_accept_lock(self, fd: int, ev: int) -> None:
-        lsock = self.listeners[fd][0]
-        for _attempt in range(64):
-            try:
-                sock = lsock.accept()[0]
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE):
-                    log.error("cannot accept a lock client: %s; raise LimitNOFILE", e.strerror)
-                    self._pause_accepting(0.1)
-                return
-            try:
-                pid, uid, _gid = peer_cred(sock)
-            except OSError:
-                sock.close()
-                continue
-            if not self._peer_allowed(uid):
-                log.warning("Disallowing client pid %d with uid %d", pid, uid)
-                sock.close()
-                continue
-            sock.setblocking(False)
-            if len(self.clients) >= self.cfg["max_clients"]:
-                self._queue_over_limit(sock, pid, uid)
-                continue
-            self._add_client(sock, pid, uid)
+        # One accept per readiness event: epoll is level-triggered, so another
+        # waiting client is reported on the next turn, and the common case (one
+        # client) saves a failing accept() and its exception.
+        try:
+            sock = self.listeners[fd][0].accept()[0]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                log.error("cannot accept a lock client: %s; raise LimitNOFILE", e.strerror)
+                self._pause_accepting(0.1)
+            return
+        try:
+            pid, uid, _gid = peer_cred(sock)
+        except OSError:
+            sock.close()
+            return
+        if not self._peer_allowed(uid):
+            log.warning("Disallowing client pid %d with uid %d", pid, uid)
+            sock.close()
+            return
+        sock.setblocking(False)
+        if len(self.clients) >= self.cfg["max_clients"]:
+            self._queue_over_limit(sock, pid, uid)
+            return
+        self._add_client(sock, pid, uid)
 
     def _add_client(self, sock, pid, uid) -> LockConn:
         c = LockConn(sock, self.next_client_id, pid, uid)
@@ -453,7 +454,8 @@ class Server(Listener):
         if c.fd < 0:
             return
         fd = c.fd
-        self.remove_handler(fd)
+        # closing the only reference to the socket removes it from the epoll set
+        self.handlers.pop(fd, None)
         self.clients.pop(fd, None)
         try:
             c.sock.close()

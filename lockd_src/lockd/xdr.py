@@ -67,9 +67,12 @@ class Decoder:
         return self.fixed_opaque(n)
 
     def string(self, maxlen: int) -> str:
-        # libvirt's xdr_string stops at NUL in C; we keep the bytes and decode
-        # leniently so that a daemon never dies on odd encodings.
-        return self.opaque(maxlen).decode("utf-8", "surrogateescape")
+        # libvirt decodes into a C string: whatever follows a NUL is invisible
+        # to it, so cut there too. Decode leniently: never die on odd bytes.
+        raw = self.opaque(maxlen)
+        if b"\0" in raw:
+            raw = raw[:raw.index(b"\0")]
+        return raw.decode("utf-8", "surrogateescape")
 
     def optional(self, decode_value):
         present = self.u32()

@@ -151,9 +151,21 @@ def test_opaque_roundtrip_and_padding(b):
     assert d.opaque(1000) == b and d.done()
 
 
-@given(st.text(max_size=200))
+NO_NUL = st.text(alphabet=st.characters(blacklist_characters="\0"), max_size=200)
+
+
+@given(NO_NUL)
 def test_string_roundtrip(s):
     assert xdr.Decoder(xdr.string(s)).string(P.STRING_MAX) == s
+
+
+@given(NO_NUL, st.text(max_size=20))
+def test_string_ends_at_first_nul_like_libvirt(head, tail):
+    """libvirt decodes into C strings: a NUL ends the string for it, so for us too."""
+    enc = xdr.string(head + "\0" + tail)
+    assert xdr.Decoder(enc).string(P.STRING_MAX) == head
+    args = P.decode_resource(xdr.Decoder(enc + enc + xdr.u32(1)))
+    assert args == P.ResourceArgs(head, head, 1)
 
 
 @given(st.binary(min_size=5, max_size=40))
@@ -181,7 +193,7 @@ def test_error_roundtrip(code, domain, message, level, s1, s2, s3, i1, i2):
     assert rpc.RPCError.decode(err.encode()) == err
 
 
-@given(st.builds(P.ResourceArgs, st.text(max_size=50), st.text(max_size=50), st.integers(0, 2**32 - 1)))
+@given(st.builds(P.ResourceArgs, NO_NUL, NO_NUL, st.integers(0, 2**32 - 1)))
 def test_resource_args_roundtrip(a):
     d = xdr.Decoder(P.encode_resource(a.path, a.name, a.flags))
     assert P.decode_resource(d) == a and d.done()
