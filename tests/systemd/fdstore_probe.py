@@ -39,6 +39,24 @@ def main():
     for i in range(n):
         fd = 3 + i
         got[names[i] if i < len(names) else f"fd{fd}"] = os.readlink(f"/proc/self/fd/{fd}")
+    # Drain connections queued on passed listening sockets (the one that
+    # triggered socket activation): left pending, systemd would re-activate
+    # the service right after a stop.
+    for i in range(n):
+        try:
+            sock = socket.socket(fileno=os.dup(3 + i))
+        except OSError:
+            continue
+        with sock:
+            if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                continue
+            sock.setblocking(False)
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except (BlockingIOError, OSError):
+                    break
+                conn.close()
     entry = {"pid": os.getpid(), "time": time.time(), "listen_fds": n, "names": names, "fds": got}
     if "lease" not in got:
         os.makedirs(os.path.dirname(LEASE), exist_ok=True)

@@ -75,6 +75,16 @@ class Probe:
     def lock(self):
         return self.sh(f"python3 -c '{TRY_LOCK}'").strip()
 
+    def wait_free(self, timeout=10):
+        # systemd releases a stopped unit's resources (the fd store) from its
+        # release queue, just after the stop job returns: poll.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.lock() == "free":
+                return "free"
+            time.sleep(0.05)
+        return "held"
+
     def cleanup(self):
         self.sh("systemctl stop fdprobe.service fdprobe.socket fdprobe-admin.socket 2>/dev/null; "
                 "rm -f /etc/systemd/system/fdprobe*; systemctl daemon-reload; systemctl reset-failed")
@@ -119,7 +129,7 @@ def test_fd_store_survives_systemctl_restart(probe_factory, host):
 def test_fd_store_after_stop_start_without_preserve_is_lost(probe_factory, host):
     p = probe_factory(host)
     p.sh("systemctl stop fdprobe.service")
-    assert p.lock() == "free", "stop flushes the fd store (FileDescriptorStorePreserve=restart behaviour)"
+    assert p.wait_free() == "free", "stop flushes the fd store (FileDescriptorStorePreserve=restart behaviour)"
     p.sh("systemctl start fdprobe.service")
     second = p.wait_start(2)
     assert second["listen_fds"] == 0 and second.get("stored"), second
@@ -141,7 +151,7 @@ def test_preserve_yes_keeps_store_across_stop_on_257_only(probe_factory, host):
     p.sh("systemctl stop fdprobe.service")
     if HOSTS[host] == "bookworm":
         # systemd 252 ignores the key ("Unknown key ... ignoring") and flushes the store.
-        assert p.lock() == "free"
+        assert p.wait_free() == "free"
         assert "FileDescriptorStorePreserve" in p.sh("journalctl -b --no-pager -u fdprobe.service -o cat; journalctl -b --no-pager -o cat | grep -i 'unknown key' || true")
     else:
         assert p.lock() == "held"
