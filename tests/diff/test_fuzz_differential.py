@@ -7,10 +7,9 @@ header, a different length word, truncation, appended garbage, "interesting"
 sent on a fresh connection to each daemon, followed by a half-close, so each
 transcript ends with the daemon's EOF: no timing is involved.
 
-The seeds are chosen so that no input can succeed in touching the file
-system (paths under a directory that does not exist, CREATE_LOCKSPACE never
-sent), which lets both daemons run side by side; the runner's witness lease
-must survive on both.
+No input that could change the file system is sent (see
+touches_filesystem()), which lets both daemons run side by side; each one's
+witness lease must survive.
 """
 from __future__ import annotations
 
@@ -29,9 +28,15 @@ from tests.harness import require_c_virtlockd, require_root
 
 pytestmark = pytest.mark.c_daemon
 
-N_INPUTS = 1500
-SEED = 20261126
-NOWHERE = "/nonexistent-lockd-fuzz-dir/sub"
+import os
+
+# Override to explore: LOCKD_FUZZ_N=50000 LOCKD_FUZZ_SEED=7 pytest tests/diff/test_fuzz_differential.py -s
+N_INPUTS = int(os.environ.get("LOCKD_FUZZ_N", "5000"))
+SEED = int(os.environ.get("LOCKD_FUZZ_SEED", "20261126"))
+# Under /proc: neither root nor a mutated copy of this path can create
+# anything there (truncated prefixes "/p".."/pro" are guarded by
+# touches_filesystem(): no input that could create files is ever sent).
+NOWHERE = "/proc/lockd-fuzz-nonexistent/sub"
 INTERESTING = [0, 1, 2, 3, 4, 7, 8, 27, 28, 29, 0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x10000, 0x10001,
                0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0xFFFFFFFE, rpc.MESSAGE_MAX, rpc.MESSAGE_MAX + 4,
                rpc.MESSAGE_MAX + 5, P.PROGRAM, rpc.KEEPALIVE_PROGRAM]
@@ -84,17 +89,46 @@ def mutate(rng: random.Random, frame: bytes) -> bytes:
     return bytes(b)
 
 
+FS_PROCS = {P.PROC_NEW, P.PROC_CREATE_RESOURCE, P.PROC_DELETE_RESOURCE}
+
+
 def touches_filesystem(data: bytes) -> bool:
-    """CREATE_LOCKSPACE needs no registration and creates directories: never
-    send it (anywhere in the input) so that no input can change the disk."""
-    pos = 0
+    """True if the input could change the file system, which both daemons
+    share while they run side by side (mkdir, create, unlink): such inputs
+    are not sent.
+
+    CREATE_LOCKSPACE needs no registration, so it is never sent. NEW,
+    CREATE_RESOURCE, DELETE_RESOURCE and ACQUIRE with AUTOCREATE are refused
+    before touching anything on an unregistered connection (spec §3.3 check
+    order), so they are only excluded from inputs that also carry a REGISTER.
+    The frames are split exactly as a daemon splits them (by length words).
+    """
+    frames, pos = [], 0
     while len(data) - pos >= 28:
         n, prog, _vers, proc = struct.unpack_from(">IIIi", data, pos)
-        if prog == P.PROGRAM and proc == P.PROC_CREATE_LOCKSPACE:
-            return True
         if n < 28:
             break
+        if prog == P.PROGRAM:
+            frames.append((proc, data[pos + 28:pos + n]))
         pos += n
+    procs = {p for p, _ in frames}
+    if P.PROC_CREATE_LOCKSPACE in procs:
+        return True
+    if P.PROC_REGISTER not in procs:
+        return False
+    if procs & FS_PROCS:
+        return True
+    for proc, payload in frames:
+        if proc == P.PROC_ACQUIRE_RESOURCE:
+            try:
+                d = xdr.Decoder(payload)
+                d.opaque(P.STRING_MAX)      # raw bytes: no UTF-8 check the daemon might not do
+                d.opaque(P.STRING_MAX)
+                flags = d.u32()
+            except Exception:  # noqa: BLE001 - undecodable: refused before any file access
+                continue
+            if flags & P.ACQUIRE_AUTOCREATE:
+                return True
     return False
 
 
@@ -120,7 +154,8 @@ def allowed_difference(data: bytes, tc: list, tp: list) -> "str | None":
     CALL_WITH_FDS with fds as an error instead. libvirt never sends it.
     """
     for hdr, _complete, first_word in frames_of(data):
-        if hdr and hdr[0] == P.PROGRAM and hdr[3] == rpc.CALL_WITH_FDS and first_word[:4] != b"\0\0\0\0":
+        # any program: the fds are read at the message layer, before dispatch
+        if hdr and hdr[3] == rpc.CALL_WITH_FDS and first_word[:4] != b"\0\0\0\0":
             return "CALL_WITH_FDS with fds"
     return None
 
@@ -198,7 +233,7 @@ def test_mutated_frames_get_identical_answers(tmp_path):
                 probe.register(UUID_A, "probe", 9, 4_000_000 + 9)
                 assert b"is locked" in probe.acquire("", str(disk)), f"{d.kind}: witness lease lost"
             w.close()
-    print(f"differential fuzz: {ran} inputs sent to both daemons ({skipped} skipped), "
+    print(f"differential fuzz (seed {SEED}): {ran} inputs sent to both daemons ({skipped} skipped), "
           f"{len(mismatches)} mismatches, documented differences: {allowed or 'none'}")
     assert not mismatches, "\n".join(
         f"input #{i} {h[:200]}\n  C : {tc}\n  py: {tp}" for i, h, tc, tp in mismatches[:20]) + \
