@@ -38,9 +38,8 @@ $(VENV)/.stamp: $(REQUIREMENTS) $(wildcard lockd_src/pyproject.toml)
 	@echo "[venv] creating $(VENV) with $(PYTHON) from $(REQUIREMENTS)"
 	@test -x $(VENV_BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(VENV_BIN)/python -m pip install --quiet --disable-pip-version-check $(addprefix -r ,$(REQUIREMENTS))
-	@if [ -f lockd_src/pyproject.toml ]; then \
-		$(VENV_BIN)/python -m pip install --quiet --disable-pip-version-check -e ./lockd_src; \
-	else echo "[venv] WARNING: lockd_src/pyproject.toml missing, package lockd not installed"; fi
+	@test -f lockd_src/pyproject.toml || { echo "[venv] ERROR: lockd_src/pyproject.toml missing" >&2; exit 1; }
+	@$(VENV_BIN)/python -m pip install --quiet --disable-pip-version-check -e ./lockd_src
 	@touch $@
 	@echo "[venv] ready: $(VENV_BIN)"
 
