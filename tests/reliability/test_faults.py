@@ -438,3 +438,52 @@ def test_fdstore_release_then_immediate_reacquire(record, tmp_path):
     record("Release and immediate re-acquire of one disk, 200 times, with the fd store", "c",
            "n/a (no fd store)")
     assert refused == 0
+
+
+@pytest.mark.parametrize("kind", ["c", "py"])
+def test_pid_reused_before_the_daemon_saw_the_owner_die(record, kind, tmp_path):
+    """The owner (QEMU) dies and its pid is reused before the daemon handles
+    the EOF (made deterministic by SIGSTOPping the daemon meanwhile). On the
+    EOF the daemon releases the leases and then runs its kill sequence on the
+    owner *pid*: C signals whatever process has that pid now; ours knows the
+    owner by pid + start time (pidfd) and must leave the newcomer alone."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * 4096)
+    with start_daemon(kind, tmp_path / "d") as d:
+        o = StandInOwner(d.sock)
+        with Conn(d.sock) as lv:
+            lv.register(UUID_A, "vm1", 1, o.pid)
+            assert len(lv.acquire("", str(disk))) == 28
+        d.kill(signal.SIGSTOP)
+        try:
+            old = o.pid
+            o.kill()                                   # dies and is reaped: pid free
+            impostor = spawn_with_pid(old, ["sleep", "300"])
+            assert impostor is not None, f"could not get pid {old} back for the impostor"
+        finally:
+            d.kill(signal.SIGCONT)
+        try:
+            with Conn(d.sock) as other:
+                other.register(UUID_B, "vm2", 2, fake_pid())
+                deadline = time.monotonic() + 10
+                while len(out := other.acquire("", str(disk))) != 28 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            released = len(out) == 28
+            # A kill sequence starts with SIGTERM right after the release; a
+            # `sleep` dies of it at once. Give it a generous second to show.
+            try:
+                code = impostor.wait(1.0)
+            except subprocess.TimeoutExpired:
+                code = None
+        finally:
+            if impostor.poll() is None:
+                impostor.kill()
+            impostor.wait()
+    record("Owner died and its pid was reused before the daemon handled the EOF", kind,
+           f"lease {'released' if released else '**kept**'}; the process now holding the pid is "
+           + ("left alone" if code is None else f"**killed** ({_status(code)})"))
+    assert released
+    if kind == "c":
+        assert code == -signal.SIGTERM, "C virtlockd signals the pid, whoever has it now"
+    else:
+        assert code is None, "ours killed an unrelated process that reused the owner's pid"
