@@ -207,19 +207,24 @@ class Locks:
 
     # -- resources ----------------------------------------------------------
 
-    def _aliases(self, dev: int, ino: int) -> List[Resource]:
-        return self.by_inode.get((dev, ino), [])
-
-    def create_resource(self, ls: LockSpace, name: str) -> None:
+    def _unheld_path(self, ls: LockSpace, name: str):
+        """CREATE/DELETE_RESOURCE: busy if held, here or under another name for
+        the same file. Returns (path, whether the file exists)."""
         if name in ls.resources:
             raise P.err_busy(name)
         path = ls.path_of(name)
         try:
             st = os.stat(path)
-            if self._aliases(st.st_dev, st.st_ino):
-                return  # it exists; touching it could only endanger a held lock
         except OSError:
-            pass
+            return path, False
+        if self.by_inode.get((st.st_dev, st.st_ino)):
+            raise P.err_busy(name)
+        return path, True
+
+    def create_resource(self, ls: LockSpace, name: str) -> None:
+        path, exists = self._unheld_path(ls, name)
+        if exists:
+            return  # libvirt's "touch" of an existing file changes nothing
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
@@ -227,15 +232,7 @@ class Locks:
         os.close(fd)
 
     def delete_resource(self, ls: LockSpace, name: str) -> None:
-        if name in ls.resources:
-            raise P.err_busy(name)
-        path = ls.path_of(name)
-        try:
-            st = os.stat(path)
-            if self._aliases(st.st_dev, st.st_ino):
-                raise P.err_busy(name)   # the same file is held under another name
-        except OSError:
-            pass
+        path = self._unheld_path(ls, name)[0]
         try:
             os.unlink(path)
         except FileNotFoundError:

@@ -508,12 +508,7 @@ class Server(Listener):
 
     def _resource_call(self, c: LockConn, buf: bytes, pos: int, end: int, proc: int):
         path, name, flags = decode_resource_at(buf, pos, end)[0]
-        if flags & ~P.ALLOWED_FLAGS[proc]:
-            raise P.err_flags(proc, flags)
-        if c.restricted:
-            raise P.err_restricted()
-        if c.owner is None:
-            raise P.err_unregistered()
+        self._check(c, proc, flags)
         ls = self.locks.lockspaces.get(path)
         if ls is None:
             raise P.err_no_lockspace(path)

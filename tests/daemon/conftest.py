@@ -7,6 +7,7 @@ import pytest
 from lockd.admin import AdminClient
 from lockd.client import LockClient
 from tests.harness.daemons import fake_pid, start_daemon, stand_in_owner
+from tests.unit.test_lockspace import probe_lock  # noqa: F401  (shared with the daemon tests)
 
 UUID1 = "11111111-1111-4111-8111-111111111111"
 UUID2 = "22222222-2222-4222-8222-222222222222"
@@ -52,14 +53,3 @@ def wait_for(pred, timeout=10.0, what="condition"):
             return
         time.sleep(0.02)
     raise AssertionError("timed out waiting for " + what)
-
-
-def probe_lock(path) -> str:
-    """'busy' or 'free': try the lock on byte 0 from another process."""
-    code = ("import fcntl,os,struct,sys\n"
-            "fd=os.open(sys.argv[1],os.O_RDWR)\n"
-            "try:\n fcntl.fcntl(fd,fcntl.F_SETLK,struct.pack('hhqqi4x',fcntl.F_WRLCK,0,0,1,0)); print('free')\n"
-            "except OSError: print('busy')\n")
-    import sys
-    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                          check=True).stdout.strip()
