@@ -85,7 +85,7 @@ class OwnerInfo:
     id: int
     start_time: Optional[int] = None
     connected: int = 0               # number of its own (peer pid == owner pid) connections
-    pidfd: Optional[int] = None      # watched when no own connection exists
+    pin: Optional[int] = None        # pidfd of the process itself, taken while its own connection is open
     first_seen: float = field(default_factory=time.time)
     journaled: bool = False          # an "own" record is in the current journal
 

@@ -326,7 +326,7 @@ class Server(Listener):
                 return
         if ev & (EPOLLIN | EPOLLERRHUP):
             try:
-                data = os.read(fd, 262144)
+                data = os.read(fd, 65536)    # libvirt's initial message buffer size
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -495,6 +495,10 @@ class Server(Listener):
         if c.own:
             info = self._owner_info(owner)
             info.connected += 1
+            if info.pin is None:
+                # the peer *is* the owner: pin that very process, so a later
+                # kill sequence can never hit a newcomer that reused the pid
+                info.pin = own.pidfd_open(owner.pid)
             self._unwatch(owner.pid)
 
     def _restrict(self, c: LockConn, buf: bytes, pos: int, end: int) -> None:
@@ -550,6 +554,8 @@ class Server(Listener):
         if info is None or info.uuid != owner.uuid or info.name != owner.name or info.id != owner.id:
             started = info.start_time if info is not None else own.start_time(owner.pid)
             connected = info.connected if info is not None else 0
+            if info is not None and info.pin is not None:
+                os.close(info.pin)
             info = own.OwnerInfo(owner.pid, owner.uuid, owner.name, owner.id, started, connected)
             self.owners[owner.pid] = info
             if self.journal is not None and self.owner_leases.get(owner.pid):
@@ -566,7 +572,9 @@ class Server(Listener):
 
     def _sweep_owners(self) -> None:
         for pid in [p for p, i in self.owners.items() if not i.connected and p not in self.owner_leases]:
-            del self.owners[pid]
+            info = self.owners.pop(pid)
+            if info.pin is not None:
+                os.close(info.pin)
             self._unwatch(pid)
         self.call_later(OWNER_SWEEP, self._sweep_owners)
 
@@ -612,9 +620,22 @@ class Server(Listener):
     def _start_kill(self, pid: int) -> None:
         if pid <= 1 or pid in self.kills:
             return
-        pidfd = own.pidfd_open(pid)
-        if pidfd is None:
-            return               # already gone
+        info = self.owners.get(pid)
+        if info is not None and info.pin is not None:
+            pidfd = os.dup(info.pin)      # the very process that registered
+        else:
+            pidfd = own.pidfd_open(pid)
+            if pidfd is None:
+                return               # already gone
+        # A pidfd opened now pins whatever process has this pid *now*. If the
+        # owner died and its pid was reused before we saw the EOF, that is
+        # someone else: compare the start time recorded at registration.
+        started = info.start_time if info is not None else None
+        if (info is None or info.pin is None) and started is not None and own.start_time(pid) != started:
+            log.info("owner pid %d already exited (the pid now belongs to another process): nothing to kill",
+                     pid)
+            os.close(pidfd)
+            return
         log.info("killing owner pid %d: its connection closed while it held leases", pid)
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)

@@ -261,7 +261,16 @@ def test_refuses_to_steal_a_served_socket(tmp_path):
                              stderr=subprocess.PIPE, text=True)
     try:
         sock = rt / "libvirt" / "virtlockd-sock"
-        wait_for(lambda: sock.exists(), what="first daemon bound its socket")
+        def serving():
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(str(sock))
+                return True
+            except OSError:
+                return False
+            finally:
+                probe.close()
+        wait_for(serving, what="first daemon serving its socket")
         second = subprocess.run(drop + ["/usr/bin/python3", "-m", "lockd", "-p", str(rt / "other.pid")],
                                 env=env, cwd="/", capture_output=True, text=True, timeout=30)
         assert second.returncode == 1
