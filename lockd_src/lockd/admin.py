@@ -99,6 +99,9 @@ class AdminConn:
                 self.send(handle_line(self.server, line))
 
     def send(self, obj: dict) -> None:
+        j = self.server.journal
+        if j is not None and j.pending:
+            j.flush()          # an admin acquire/release is journaled before it is confirmed
         data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
         if self.wbuf:
             self.wbuf += data

@@ -42,6 +42,17 @@ class Journal:
         self.path = path
         self.fd: Optional[int] = None
         self.lines = 0
+        # Records of one event are written together by flush(), which the
+        # server calls before it sends any reply: a client never sees "OK"
+        # for something the journal does not have yet.
+        self.pending: List[str] = []
+
+    def flush(self) -> None:
+        if self.pending:
+            data = "".join(self.pending).encode()
+            self.pending = []
+            if self.fd is not None:
+                os.write(self.fd, data)
 
     def open(self) -> None:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -49,7 +60,7 @@ class Journal:
     def append(self, rec: dict) -> None:
         if self.fd is None:
             return
-        os.write(self.fd, (json.dumps(rec, separators=(",", ":")) + "\n").encode())
+        self.pending.append(json.dumps(rec, separators=(",", ":")) + "\n")
         self.lines += 1
 
     # Hot-path records, formatted without json.dumps (same JSON on disk).
@@ -57,27 +68,28 @@ class Journal:
             fdname: Optional[str], dev: int, ino: int) -> None:
         if self.fd is None:
             return
-        os.write(self.fd, ('{"t":"acq","ls":%s,"name":%s,"path":%s,"flags":%d,"owner":%d,"since":%r,'
-                           '"fdname":%s,"dev":%d,"ino":%d}\n'
-                           % (_q(ls), _q(name), _q(path), flags, owner, since,
-                              _q(fdname) if fdname else "null", dev, ino)).encode())
+        self.pending.append('{"t":"acq","ls":%s,"name":%s,"path":%s,"flags":%d,"owner":%d,"since":%r,'
+                            '"fdname":%s,"dev":%d,"ino":%d}\n'
+                            % (_q(ls), _q(name), _q(path), flags, owner, since,
+                               _q(fdname) if fdname else "null", dev, ino))
         self.lines += 1
 
     def rel(self, ls: str, name: str, owner: int) -> None:
         if self.fd is None:
             return
-        os.write(self.fd, ('{"t":"rel","ls":%s,"name":%s,"owner":%d,"all":true}\n'
-                           % (_q(ls), _q(name), owner)).encode())
+        self.pending.append('{"t":"rel","ls":%s,"name":%s,"owner":%d,"all":true}\n'
+                            % (_q(ls), _q(name), owner))
         self.lines += 1
 
     def gone(self, ls: str, name: str) -> None:
         if self.fd is None:
             return
-        os.write(self.fd, ('{"t":"gone","ls":%s,"name":%s}\n' % (_q(ls), _q(name))).encode())
+        self.pending.append('{"t":"gone","ls":%s,"name":%s}\n' % (_q(ls), _q(name)))
         self.lines += 1
 
     def rewrite(self, records: List[dict]) -> None:
         body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        self.pending = []       # the snapshot supersedes them
         header = json.dumps({"t": "hdr", "format": FORMAT}) + "\n"
         # the journal lives in /run (tmpfs): no fsync; atomic rename is what matters
         write_atomic(self.path, (header + body).encode(), fsync=False)
@@ -87,6 +99,7 @@ class Journal:
         self.lines = len(records) + 1
 
     def close(self) -> None:
+        self.flush()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

@@ -255,7 +255,11 @@ class Locks:
         if flags & AUTOCREATE:
             fd, st = self._open_autocreate(path, name, kind, flags)
         else:
-            self._check_alias_by_path(path, name, flags)
+            if self.lock_type != "ofd":
+                # POSIX locks: opening and closing an alias of a held file would
+                # drop our lock on it, so check before open(); OFD locks do not
+                # care and the check after open() below is enough
+                self._check_alias_by_path(path, name, flags)
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
             except OSError as e:

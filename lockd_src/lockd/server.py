@@ -220,6 +220,9 @@ class Server(Listener):
                             log.exception("internal error in timer %r", fn)
             if self.idle_timeout:
                 self._check_idle()
+            j = self.journal
+            if j is not None and j.pending:
+                j.flush()
 
     def _check_idle(self) -> None:
         if self.clients or self.admins or self.waiting or self.locks.count():
@@ -376,6 +379,9 @@ class Server(Listener):
         c.rbuf = buf[pos:] if pos < end else b""
 
     def _send(self, c: LockConn, data: bytes) -> bool:
+        j = self.journal
+        if j is not None and j.pending:
+            j.flush()
         if c.wbuf:
             c.wbuf += data
             return False
