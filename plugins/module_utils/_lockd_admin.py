@@ -270,23 +270,72 @@ def _lease_key(lockspace_dirs: list[str], path: str) -> tuple[str, str]:
     return "", path
 
 
-def _probe_lock(path: str) -> tuple[str, int] | None:
-    """Who holds byte 0 of ``path``, without taking anything (F_GETLK): (mode, pid) or None."""
+F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+
+
+def _probe_lock(path: str) -> tuple[str, int | None] | None:
+    """Who holds byte 0 of ``path``, without taking anything: (mode, pid) or None.
+
+    Asks with F_OFD_GETLK (our fresh open file description conflicts with every
+    other holder, OFD or POSIX, including this process's own POSIX locks), and
+    with F_GETLK on kernels without OFD locks. The pid is None when the kernel
+    does not name one (an OFD lock, or a holder outside our pid namespace).
+    The file is opened read-only, never created, symlinks not followed.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
-        query = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
-        reply = fcntl.fcntl(fd, fcntl.F_GETLK, query)
-        l_type, _whence, _start, _len, l_pid = struct.unpack("hhqqi", reply)
+        query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        try:
+            reply = fcntl.fcntl(fd, F_OFD_GETLK, query)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            reply = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+        l_type, _whence, _start, _len, l_pid = struct.unpack("hhqqi4x", reply)
     except OSError:
         return None
     finally:
         os.close(fd)
     if l_type == fcntl.F_UNLCK:
         return None
-    return ("READ" if l_type == fcntl.F_RDLCK else "WRITE"), l_pid
+    return ("READ" if l_type == fcntl.F_RDLCK else "WRITE"), (l_pid if l_pid > 0 else None)
+
+
+def probe_lockspace_files(lockspace_dirs, skip: set) -> list[dict]:
+    """Files in the lockspace directories whose byte 0 someone holds (read-only probe).
+
+    ``lockspace_dirs`` is a list of directories or of (lockspace key, directory)
+    pairs. Files whose (dev, ino) is in ``skip`` are left out; every file found
+    is added to ``skip``, so a file reached twice is reported once. Each entry:
+    lockspace, resource (file name), path, dev, ino, mode (READ/WRITE), pid.
+    """
+    found = []
+    for item in lockspace_dirs:
+        key, directory = item if isinstance(item, tuple) else (item, item)
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in skip or not os.path.isfile(path) or os.path.islink(path):
+                continue
+            holder = _probe_lock(path)
+            if holder is None:
+                continue
+            skip.add((st.st_dev, st.st_ino))
+            found.append({
+                "lockspace": key, "resource": name, "path": path,
+                "dev": st.st_dev, "ino": st.st_ino, "mode": holder[0], "pid": holder[1],
+            })
+    return found
 
 
 def proc_locks_leases(lockspace_dirs: list[str], daemon_pid: int | None, exclude: tuple = ()) -> list[dict]:
@@ -335,28 +384,12 @@ def proc_locks_leases(lockspace_dirs: list[str], daemon_pid: int | None, exclude
                 "dev": st.st_dev, "ino": st.st_ino, "shared": held[key]["mode"] == "READ",
                 "owners": [], "holder": "daemon", "holder_pid": daemon_pid,
             })
-    for directory in lockspace_dirs:
-        try:
-            names = sorted(os.listdir(directory))
-        except OSError:
-            continue
-        for name in names:
-            path = os.path.join(directory, name)
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) in seen or not os.path.isfile(path):
-                continue
-            holder = _probe_lock(path)
-            if holder is None:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            leases.append({
-                "lockspace": directory, "resource": name, "path": path,
-                "dev": st.st_dev, "ino": st.st_ino, "shared": holder[0] == "READ",
-                "owners": [], "holder": "other", "holder_pid": holder[1],
-            })
+    for found in probe_lockspace_files(lockspace_dirs, seen):
+        leases.append({
+            "lockspace": found["lockspace"], "resource": found["resource"], "path": found["path"],
+            "dev": found["dev"], "ino": found["ino"], "shared": found["mode"] == "READ",
+            "owners": [], "holder": "other", "holder_pid": found["pid"],
+        })
     return leases
 
 

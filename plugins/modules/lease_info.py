@@ -17,6 +17,9 @@ description:
   - When the host runs libvirt's C C(virtlockd), which has no lease query, the module falls back to reading
     C(/proc/locks), the daemon's open files and the configured lockspace directories, and says so in
     RV(source). Lease owners are unknown in that case.
+  - From the admin socket it also reports, in RV(held_elsewhere), the lease files in the lockspace directories
+    that are locked by someone other than this daemon, for example by the lock daemon of another host sharing
+    the storage. They are found with a read-only lock query (C(F_OFD_GETLK)); no lock is taken, no file created.
   - Never changes anything.
 author:
   - lockd.virtlockd maintainers (@lockd)
@@ -64,6 +67,8 @@ options:
       - Lockspace directories to scan in the fallback.
       - Defaults to the C(file_lockspace_dir), C(lvm_lockspace_dir) and C(scsi_lockspace_dir) set in
         O(qemu_lockd_conf).
+      - From the admin socket, these directories are scanned for RV(held_elsewhere) in addition to the
+        daemon's own lockspace directories (there is no default from O(qemu_lockd_conf) then).
     type: list
     elements: path
   qemu_lockd_conf:
@@ -164,6 +169,53 @@ leases:
       type: str
       returned: when RV(source) is V(proc_locks)
       sample: daemon
+held_elsewhere:
+  description:
+    - Lease files in the lockspace directories (the daemon's lockspaces and O(lockspace_dirs)) whose byte 0 is
+      locked in the kernel by someone other than this daemon, such as the lock daemon of another host on shared
+      storage. The daemon's own leases (compared by device and inode) are not listed here.
+    - Found with a read-only lock query; the files are not locked or created.
+    - The O(lockspace), O(resource) and O(path) filters apply. Owners of these locks are unknown, so when
+      O(owner_uuid), O(owner_name) or O(owner_pid) is given the list is empty.
+  returned: when RV(source) is V(admin_socket)
+  type: list
+  elements: dict
+  contains:
+    lockspace:
+      description: The lockspace key (the daemon's lockspace path, or the directory from O(lockspace_dirs)).
+      type: str
+      sample: /var/lib/libvirt/lockd/files
+    resource:
+      description: The file name of the lease file (a sha256 hex name in a file lockspace).
+      type: str
+      sample: 5b1c2f0e9d0c7a3f8f2b4f3d6e1a9c8b7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a
+    path:
+      description: The lease file.
+      type: str
+      sample: /var/lib/libvirt/lockd/files/5b1c2f0e9d0c7a3f8f2b4f3d6e1a9c8b7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a
+    dev:
+      description: Device number of the lease file.
+      type: int
+      sample: 64768
+    ino:
+      description: Inode number of the lease file.
+      type: int
+      sample: 393
+    mode:
+      description: V(exclusive) for a write lock, V(shared) for a read lock.
+      type: str
+      choices: [exclusive, shared]
+      sample: exclusive
+    holder:
+      description:
+        - Who holds the lock, as far as this host can tell. V(another host or process) unless the kernel names a
+          process this host can see (a POSIX lock), then V(process PID).
+      type: str
+      sample: another host or process
+    holder_pid:
+      description: The pid of the holder when the kernel names one, else V(null) (OFD locks, other hosts).
+      type: int
+      sample: null
 lockspaces:
   description: The daemon's lockspaces (the default one has C(path) V("")).
   returned: success
@@ -189,6 +241,8 @@ daemon:
     leases: 1
 """
 
+import os
+
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.lockd.virtlockd.plugins.module_utils._lockd_admin import (
@@ -196,6 +250,7 @@ from ansible_collections.lockd.virtlockd.plugins.module_utils._lockd_admin impor
     AdminError,
     filter_leases,
     find_c_daemon_pid,
+    probe_lockspace_files,
     proc_locks_leases,
     read_lockspace_dirs,
 )
@@ -211,10 +266,46 @@ def query_admin(module: AnsibleModule, filters: dict) -> dict:
         status = client.call("status")
         lockspaces = client.call("lockspaces")["lockspaces"]
         leases = client.call("leases", **filters)["leases"]
+        own = client.call("leases")["leases"] if filters else leases
     daemon = dict(status)
     daemon["server"] = hello.get("server", "lockd")
     daemon.setdefault("version", hello.get("version"))
-    return {"source": "admin_socket", "leases": leases, "lockspaces": lockspaces, "daemon": daemon}
+    held = held_elsewhere(module, filters, lockspaces, own)
+    return {
+        "source": "admin_socket", "leases": leases, "held_elsewhere": held, "lockspaces": lockspaces, "daemon": daemon,
+    }
+
+
+def held_elsewhere(module: AnsibleModule, filters: dict, lockspaces: list, own_leases: list) -> list:
+    """Lease files in the lockspace directories locked by someone other than this daemon."""
+    if any(name in filters for name in OWNER_FILTERS):
+        return []  # owners of foreign locks are unknown
+    dirs = []
+    known = set()
+    for lockspace in lockspaces:
+        directory = lockspace.get("directory")
+        if directory and os.path.normpath(directory) not in known:
+            known.add(os.path.normpath(directory))
+            dirs.append((lockspace["path"], directory))
+    for directory in module.params["lockspace_dirs"] or []:
+        if os.path.normpath(directory) not in known:
+            known.add(os.path.normpath(directory))
+            dirs.append((directory, directory))
+    skip = {(lease["dev"], lease["ino"]) for lease in own_leases if lease.get("dev") is not None}
+    found = filter_leases(
+        probe_lockspace_files(dirs, skip),
+        lockspace=filters.get("lockspace"), resource=filters.get("resource"), path=filters.get("path"),
+    )
+    return [
+        {
+            "lockspace": entry["lockspace"], "resource": entry["resource"], "path": entry["path"],
+            "dev": entry["dev"], "ino": entry["ino"],
+            "mode": "shared" if entry["mode"] == "READ" else "exclusive",
+            "holder": f"process {entry['pid']}" if entry["pid"] else "another host or process",
+            "holder_pid": entry["pid"],
+        }
+        for entry in found
+    ]
 
 
 def query_fallback(module: AnsibleModule, filters: dict) -> dict:

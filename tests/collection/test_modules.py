@@ -11,6 +11,8 @@ import fcntl
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -86,6 +88,88 @@ def test_lease_info_filters(run_module, daemon, vm1, disk, tmp_path):
 def test_lease_info_check_mode_reports_the_same_and_changes_nothing(run_module, daemon, vm1, disk):
     res = run_module("lease_info", admin(daemon), check=True)
     assert res["changed"] is False and [lease["resource"] for lease in res["leases"]] == [disk]
+
+
+# F_OFD_SETLK on byte 0 in a child process, which then waits for stdin to close.
+_HOLD_OFD = (
+    "import fcntl, os, struct, sys\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+    "kind = fcntl.F_WRLCK if sys.argv[2] == 'write' else fcntl.F_RDLCK\n"
+    "fcntl.fcntl(fd, getattr(fcntl, 'F_OFD_SETLK', 37), struct.pack('hhqqi4x', kind, os.SEEK_SET, 0, 1, 0))\n"
+    "print('locked', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+@pytest.fixture
+def foreign_lock():
+    """Lock files the way another host's daemon would: OFD locks held by child processes we own."""
+    children = []
+
+    def hold(path: str, kind: str = "write") -> None:
+        proc = subprocess.Popen([sys.executable, "-c", _HOLD_OFD, path, kind],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        children.append(proc)
+        line = proc.stdout.readline().strip()
+        assert line == "locked", f"the child could not lock {path} (exit {proc.poll()})"
+
+    yield hold
+    for proc in children:
+        proc.kill()
+        proc.wait()
+
+
+def test_lease_info_reports_lease_files_held_elsewhere(run_module, daemon, owner, foreign_lock, tmp_path):
+    lockspace = tmp_path / "files"
+    lockspace.mkdir()
+    extra_dir = tmp_path / "extra-lockspace"   # not a daemon lockspace: only through lockspace_dirs
+    extra_dir.mkdir()
+    own, foreign, reader, idle = "a" * 64, "f" * 64, "e" * 64, "0" * 64
+    for name in (foreign, reader, idle):
+        (lockspace / name).write_bytes(b"")
+    (extra_dir / foreign).write_bytes(b"")
+    client = LockClient(str(daemon.sock))
+    try:
+        client.register(VM1_UUID, "vm1", 1, owner.pid)
+        client.create_lockspace(str(lockspace))
+        client.acquire(str(lockspace), own, 2)          # AUTOCREATE, as libvirt's indirect mode
+        foreign_lock(str(lockspace / foreign), "write")  # "another host" holds these lease files
+        foreign_lock(str(lockspace / reader), "read")
+        foreign_lock(str(extra_dir / foreign), "write")
+        before = sorted(os.listdir(lockspace))
+
+        res = run_module("lease_info", admin(daemon))
+        assert not res.get("failed"), res
+        assert res["changed"] is False and res["source"] == "admin_socket"
+        assert [(lease["lockspace"], lease["resource"]) for lease in res["leases"]] == [(str(lockspace), own)]
+        held = {(e["lockspace"], e["resource"], e["mode"]): e for e in res["held_elsewhere"]}
+        assert set(held) == {(str(lockspace), foreign, "exclusive"), (str(lockspace), reader, "shared")}, \
+            "the daemon's own lease file and the unlocked file must not be listed"
+        entry = held[(str(lockspace), foreign, "exclusive")]
+        assert entry["path"] == str(lockspace / foreign)
+        assert entry["holder"] == "another host or process" and entry["holder_pid"] is None
+        assert (entry["dev"], entry["ino"]) == (os.stat(lockspace / foreign).st_dev,
+                                                os.stat(lockspace / foreign).st_ino)
+        assert sorted(os.listdir(lockspace)) == before, "lease_info must not create or remove files"
+
+        more = run_module("lease_info", dict(admin(daemon), lockspace_dirs=[str(extra_dir), str(lockspace)]))
+        assert sorted((e["lockspace"], e["resource"]) for e in more["held_elsewhere"]) == sorted(
+            [(str(lockspace), foreign), (str(lockspace), reader), (str(extra_dir), foreign)])
+
+        by_resource = run_module("lease_info", dict(admin(daemon), resource=foreign))
+        assert by_resource["leases"] == [] and [e["path"] for e in by_resource["held_elsewhere"]] == [
+            str(lockspace / foreign)]
+        link = tmp_path / "alias"
+        link.symlink_to(lockspace / reader)
+        by_path = run_module("lease_info", dict(admin(daemon), path=str(link)))
+        assert [e["resource"] for e in by_path["held_elsewhere"]] == [reader]
+        assert run_module("lease_info", dict(admin(daemon), lockspace=""))["held_elsewhere"] == []
+        assert run_module("lease_info", dict(admin(daemon), owner_name="vm1"))["held_elsewhere"] == []
+
+        check = run_module("lease_info", admin(daemon), check=True)
+        assert check["changed"] is False and check["held_elsewhere"] == res["held_elsewhere"]
+    finally:
+        client.close()
 
 
 # -- lease: state=released --------------------------------------------------------

@@ -54,7 +54,15 @@ def test_lease_info_on_hv1_shows_the_lease(host):
 
 def test_on_hv2_the_lease_file_is_held_elsewhere(host, hv2):
     # hv2's daemon holds no lease on it...
-    assert lc.lease_info(hv2, resource=NAME)["leases"] == []
+    res = lc.lease_info(hv2, resource=NAME)
+    assert res["source"] == "admin_socket"
+    assert res["leases"] == []
+    # ...and lease_info says the shared lease file is held elsewhere (by hv1's daemon).
+    assert [(e["lockspace"], e["resource"], e["path"], e["mode"]) for e in res["held_elsewhere"]] == [
+        (lc.FILES_LOCKSPACE, NAME, LEASE_FILE, "exclusive")], res
+    assert res["held_elsewhere"][0]["holder"] == "another host or process"
+    # hv1 holds it itself, so there it is a lease, not held elsewhere.
+    assert lc.lease_info(host, resource=NAME)["held_elsewhere"] == []
     assert [lease for lease in lc.ctl_leases(hv2) if lease["resource"] == NAME] == []
     # ...yet the shared lease file is locked, by hv1's daemon.
     assert hv2.file(LEASE_FILE).exists
