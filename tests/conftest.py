@@ -49,3 +49,14 @@ def pytest_sessionfinish(session, exitstatus):
         pass
     if leftovers:
         print(f"\n[conftest] killed leftover lock daemons: {leftovers}")
+
+
+@pytest.fixture
+def owner():
+    """A live process we own that may serve as a lock owner (a daemon may kill it)."""
+    from tests.harness.daemons import stand_in_owner
+    proc = stand_in_owner()
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()

@@ -33,14 +33,6 @@ def daemon(tmp_path):
 
 
 @pytest.fixture
-def owner():
-    proc = stand_in_owner()
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
-@pytest.fixture
 def disk(tmp_path):
     path = tmp_path / "extra.img"
     path.write_bytes(b"\0" * 65536)

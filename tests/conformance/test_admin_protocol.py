@@ -69,14 +69,6 @@ def daemon(shared_dir):
 
 
 @pytest.fixture
-def owner():
-    proc = stand_in_owner()
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
-@pytest.fixture
 def disk(daemon):
     path = daemon.workdir / "disk.img"
     path.write_bytes(b"\0" * 4096)

@@ -6,7 +6,7 @@ import pytest
 
 from lockd.admin import AdminClient
 from lockd.client import LockClient
-from tests.harness.daemons import fake_pid, start_daemon, stand_in_owner
+from tests.harness.daemons import fake_pid, start_daemon  # noqa: F401  (fake_pid: re-exported for the tests)
 from tests.unit.test_lockspace import probe_lock  # noqa: F401  (shared with the daemon tests)
 
 UUID1 = "11111111-1111-4111-8111-111111111111"
@@ -24,16 +24,6 @@ def disk(tmp_path):
     p = tmp_path / "disk.img"
     p.write_bytes(b"\0" * 4096)
     return str(p)
-
-
-@pytest.fixture
-def owner():
-    """A live process we own that may serve as a lock owner (and may be killed)."""
-    p = stand_in_owner()
-    yield p
-    if p.poll() is None:
-        p.kill()
-    p.wait()
 
 
 def client_for(d, uuid, name, pid, oid=1):
