@@ -330,6 +330,16 @@ def spawn_with_pid(pid: int, argv: list, tries: int = 300):
     return None
 
 
+def owner_holding(d, disk) -> StandInOwner:
+    """A stand-in QEMU with its own (restricted) connection, holding `disk`
+    through a libvirtd-style connection, as after a VM start."""
+    o = StandInOwner(d.sock)
+    with Conn(d.sock) as lv:
+        lv.register(UUID_A, "vm1", 1, o.pid)
+        assert len(lv.acquire("", str(disk))) == 28
+    return o
+
+
 @pytest.mark.parametrize("kind", ["c", "py"])
 def test_pid_reuse_after_owner_death(record, kind, tmp_path):
     """The owner dies while the daemon is down and an unrelated process gets
@@ -338,10 +348,7 @@ def test_pid_reuse_after_owner_death(record, kind, tmp_path):
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"\0" * 4096)
     with start_daemon(kind, tmp_path / "d") as d:
-        o = StandInOwner(d.sock)
-        with Conn(d.sock) as lv:
-            lv.register(UUID_A, "vm1", 1, o.pid)
-            assert len(lv.acquire("", str(disk))) == 28
+        o = owner_holding(d, disk)
         d.kill(signal.SIGKILL)
         d.wait(10)
         old = o.pid
@@ -376,10 +383,7 @@ def test_sighup(record, kind, tmp_path):
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"\0" * 4096)
     with start_daemon(kind, tmp_path / "d") as d:
-        o = StandInOwner(d.sock)
-        with Conn(d.sock) as lv:
-            lv.register(UUID_A, "vm1", 1, o.pid)
-            assert len(lv.acquire("", str(disk))) == 28
+        o = owner_holding(d, disk)
         d.kill(signal.SIGHUP)
         # After SIGHUP: either the daemon is gone, or it serves a PING.
         with Conn(d.sock, timeout=30) as c:
@@ -450,10 +454,7 @@ def test_pid_reused_before_the_daemon_saw_the_owner_die(record, kind, tmp_path):
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"\0" * 4096)
     with start_daemon(kind, tmp_path / "d") as d:
-        o = StandInOwner(d.sock)
-        with Conn(d.sock) as lv:
-            lv.register(UUID_A, "vm1", 1, o.pid)
-            assert len(lv.acquire("", str(disk))) == 28
+        o = owner_holding(d, disk)
         d.kill(signal.SIGSTOP)
         try:
             old = o.pid
