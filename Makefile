@@ -97,7 +97,7 @@ test-collection: venv
 
 # --- rootfs / molecule (hosts) ---
 # make rootfs                      build/cache the nspawn host rootfs tarballs (.cache/rootfs)
-# make molecule SCENARIO=<name>    one Molecule scenario (molecule/README.md)
+# make molecule SCENARIO=<name>    one Molecule scenario (extensions/molecule/README.md)
 # make test-systemd                tests/systemd (our daemon under a real systemd) + tests/molecule
 SCENARIO ?= default
 .PHONY: rootfs molecule test-systemd

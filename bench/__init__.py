@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """`make bench`: our lock daemon against Debian's C virtlockd.
 
-Both daemons are started on private sockets by `tests/harness/daemons.py`
+Both daemons are started on private sockets by `testbed/daemons.py`
 (socket activation, same virtlockd.conf) and driven by the same forked,
 multi-process load generator (`bench.loadgen`) that sends precomputed frames
 over raw sockets. Scenarios live in `bench.scenarios`, the table, goals,

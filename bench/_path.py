@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Make `lockd` (lockd_src/) and `tests.harness` importable when the bench runs
+"""Make `lockd` (lockd_src/) and `testbed` importable when the bench runs
 from a checkout without `make venv` having installed the package."""
 import sys
 from pathlib import Path

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "lockd-profile")
     args = ap.parse_args(argv)
-    from tests.harness.daemons import start_daemon
+    from testbed.daemons import start_daemon
 
     raise_nofile()
     args.out.mkdir(parents=True, exist_ok=True)

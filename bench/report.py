@@ -354,7 +354,7 @@ def write_docs(results: dict, summary: Summary, out_dir: Path, kinds: list) -> l
            "Both daemons get the same `virtlockd.conf` (`max_clients = %d`, because the C default of "
            "1024 makes the 1024th VM's connection hang, which would make the scale scenario "
            "meaningless; ours additionally gets `state_dir = \"/run/virtlockd\"`), private sockets by "
-           "socket activation (`tests/harness/daemons.py`), each in its own mount namespace with a "
+           "socket activation (`testbed/daemons.py`), each in its own mount namespace with a "
            "fresh tmpfs on `/run` (as on a systemd host), and RLIMIT_NOFILE raised to the hard limit "
            "(%d here). Leases are in the default (direct) lockspace on empty files that "
            "stand in for disk images, like libvirt's default configuration." % (p["max_clients"], results.get("nofile", 0)), "",

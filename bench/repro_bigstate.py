@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--leases", type=int, default=8000, help="4 per owner")
     ap.add_argument("--depth", type=int, default=8, help="directory levels of ~110 chars each")
     args = ap.parse_args(argv)
-    from tests.harness.daemons import start_daemon
+    from testbed.daemons import start_daemon
 
     raise_nofile()
     work = Path(tempfile.mkdtemp(prefix="lockd-bigstate-"))

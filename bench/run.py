@@ -54,7 +54,7 @@ LOADAVG: list = []      # 1-minute load average at each daemon start: how noisy 
 
 def start(kind: str, workdir: Path, tag: str, p: Params, max_clients: Optional[int] = None):
     LOADAVG.append(os.getloadavg()[0])
-    from tests.harness.daemons import DaemonError, start_daemon
+    from testbed.daemons import DaemonError, start_daemon
     conf = daemon_conf(p, max_clients)
     env = argv = None
     if kind == "py":
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
         log("interrupted; stopping daemons and workers")
         return 130
     finally:
-        from tests.harness.daemons import kill_all_leftovers
+        from testbed.daemons import kill_all_leftovers
         kill_all_leftovers()
         if args.keep:
             log("work dir kept: %s" % workdir)

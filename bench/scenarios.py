@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """The five scenarios of issue 6. Each takes a running `Daemon` (from
-tests/harness/daemons.py) and returns a flat dict of figures.
+testbed/daemons.py) and returns a flat dict of figures.
 
 Daemon CPU comes from /proc/<pid>/stat (utime+stime, all threads) read at the
 start and end of the measurement window; the client's CPU the same way from

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the root filesystem tarballs for the systemd-nspawn hypervisor hosts
-# used by tests/systemd and the Molecule scenarios (tests/harness/nspawn.py).
+# used by tests/systemd and the Molecule scenarios (testbed/nspawn.py).
 #
 #   scripts/build-rootfs.sh [SUITE...]      default: bookworm trixie
 #

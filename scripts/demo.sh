@@ -18,6 +18,6 @@ fi
 case "${1:-rollout}" in
     rollout) shift $(($# > 0)); exec "$PY" scripts/demo_rollout.py "$@" ;;
     --keep) exec "$PY" scripts/demo_rollout.py "$@" ;;
-    local|py) exec "$PY" -m tests.harness.libvirt demo py ;;
-    *) exec "$PY" -m tests.harness.libvirt demo "$1" ;;
+    local|py) exec "$PY" -m testbed.libvirt demo py ;;
+    *) exec "$PY" -m testbed.libvirt demo "$1" ;;
 esac

@@ -4,7 +4,7 @@
 What it does, step by step (each step printed with a heading and timings):
 
  1. the cached Debian 12 rootfs (scripts/build-rootfs.sh, through
-    tests/harness/nspawn.py; ~30-60 s the first time, instant later);
+    testbed/nspawn.py; ~30-60 s the first time, instant later);
  2. builds the collection tarball (ansible-galaxy collection build) and
     installs it offline into a private collections path (never ~/.ansible);
  3. boots one hypervisor ``hv1`` (systemd-nspawn, systemd as PID 1, libvirt +
@@ -43,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.harness.nspawn import Cluster, NspawnError, prepare_rootfs  # noqa: E402
+from testbed.nspawn import Cluster, NspawnError, prepare_rootfs  # noqa: E402
 
 HOST = "hv1"
 SUITE = "bookworm"
@@ -320,7 +320,7 @@ class Demo:
         with Step(9, "Clean up: VMs destroyed, host powered off and removed" if not self.keep
                   else "Keep: host left running (--keep)"):
             if self.keep and self.cluster is not None:
-                harness = f"cd {REPO} && {sys.executable} -m tests.harness.nspawn"
+                harness = f"cd {REPO} && {sys.executable} -m testbed.nspawn"
                 say(f"    look around:  {harness} exec {self.work / 'nspawn'} {HOST} -- virsh list --all")
                 say(f"    Ansible:      ANSIBLE_COLLECTIONS_PATH={self.work / 'collections'} ANSIBLE_HOST_KEY_CHECKING=False "
                     f"{VENV_BIN / 'ansible'} -i {self.work / 'inventory.ini'} hypervisors -m ping")
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         failure = failure or "interrupted during cleanup"
     except Exception as e:
         say(f"    cleanup error: {e}")
-        say(f"    leftovers: {sys.executable} -m tests.harness.nspawn destroy --match lockd-demo-")
+        say(f"    leftovers: {sys.executable} -m testbed.nspawn destroy --match lockd-demo-")
         failure = failure or f"cleanup failed: {e}"
     say("")
     if failure:

@@ -39,11 +39,11 @@ def pytest_runtest_makereport(item, call):
 
 def pytest_sessionfinish(session, exitstatus):
     """Leave the host as we found it: real libvirt torn down, no daemons left."""
-    from tests.harness import daemons, libvirt
+    from testbed import daemons, libvirt
     libvirt.release_shared_env()
     leftovers = daemons.kill_all_leftovers()
     try:
-        from tests.harness import wire   # imports lockd; absent if the package is broken
+        from testbed import wire   # imports lockd; absent if the package is broken
         wire.kill_all_owners()
     except ImportError:
         pass
@@ -54,7 +54,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture
 def owner():
     """A live process we own that may serve as a lock owner (a daemon may kill it)."""
-    from tests.harness.daemons import stand_in_owner
+    from testbed.daemons import stand_in_owner
     proc = stand_in_owner()
     yield proc
     if proc.poll() is None:

@@ -1,7 +1,7 @@
 """The lease_info and lease modules against a REAL lock daemon process.
 
 Our daemon (and, for the fallback, Debian's C virtlockd) runs on private
-sockets (tests/harness/daemons.py); leases are taken with the lock protocol
+sockets (testbed/daemons.py); leases are taken with the lock protocol
 exactly as libvirt takes them (lockd.client), on behalf of stand-in owner
 processes. The modules run through `ansible` as they would on a hypervisor.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from lockd.client import LockClient
-from tests.harness.daemons import C_VIRTLOCKD, fake_pid, stand_in_owner, start_daemon
+from testbed.daemons import C_VIRTLOCKD, fake_pid, stand_in_owner, start_daemon
 
 VM1_UUID = "11111111-1111-4111-8111-111111111111"
 VM2_UUID = "22222222-2222-4222-8222-222222222222"

@@ -2,7 +2,7 @@
 real libvirt and QEMU: check mode, adoption of running VMs (and a conflict
 between two of them), idempotence, and removal.
 
-The Molecule scenarios (molecule/) cover convergence on Debian 12/13 and the
+The Molecule scenarios (extensions/molecule/) cover convergence on Debian 12/13 and the
 two-VMs test; this file covers what only this role does on live hosts.
 Tests run in file order and share one host.
 """
@@ -17,7 +17,7 @@ import pytest
 
 from tests.collection.conftest import venv_tool
 from tests.harness import require, require_root
-from tests.harness.nspawn import Cluster
+from testbed.nspawn import Cluster
 
 pytestmark = [pytest.mark.systemd, pytest.mark.libvirt, pytest.mark.slow]
 

@@ -19,7 +19,7 @@ import pytest
 
 import lockd.admin
 from lockd.client import LockClient
-from tests.harness.daemons import C_VIRTLOCKD, fake_pid, stand_in_owner, start_daemon
+from testbed.daemons import C_VIRTLOCKD, fake_pid, stand_in_owner, start_daemon
 
 REPO = Path(__file__).resolve().parents[2]
 OPS = {"hello", "status", "lockspaces", "leases", "clients", "release", "acquire"}

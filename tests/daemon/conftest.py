@@ -6,7 +6,7 @@ import pytest
 
 from lockd.admin import AdminClient
 from lockd.client import LockClient
-from tests.harness.daemons import fake_pid, start_daemon  # noqa: F401  (fake_pid: re-exported for the tests)
+from testbed.daemons import fake_pid, start_daemon  # noqa: F401  (fake_pid: re-exported for the tests)
 from tests.unit.test_lockspace import probe_lock  # noqa: F401  (shared with the daemon tests)
 
 UUID1 = "11111111-1111-4111-8111-111111111111"

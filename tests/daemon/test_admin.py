@@ -9,7 +9,7 @@ import pytest
 
 from lockd.admin import AdminError
 from lockd.client import LockError
-from tests.harness.daemons import fake_pid
+from testbed.daemons import fake_pid
 
 from .conftest import UUID1, UUID2, admin, client_for, wait_for
 

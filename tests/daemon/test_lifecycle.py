@@ -14,8 +14,8 @@ import pytest
 
 from lockd.client import ConnectionClosed, LockClient, LockError
 from lockd import protocol as P
-from tests.harness.daemons import fake_pid, start_daemon
-from tests.harness.wire import StandInOwner
+from testbed.daemons import fake_pid, start_daemon
+from testbed.wire import StandInOwner
 
 from .conftest import UUID1, UUID2, admin, client_for, probe_lock, wait_for
 

@@ -13,7 +13,7 @@ import pytest
 
 from lockd.admin import AdminClient
 from lockd.client import LockClient, LockError
-from tests.harness.daemons import fake_pid, start_daemon
+from testbed.daemons import fake_pid, start_daemon
 
 from .conftest import wait_for
 

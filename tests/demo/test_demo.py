@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import require, require_root
-from tests.harness.nspawn import prepare_rootfs
+from testbed.nspawn import prepare_rootfs
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "scripts" / "demo_rollout.py"

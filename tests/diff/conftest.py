@@ -26,8 +26,8 @@ import pytest
 from tests.harness import require_c_virtlockd, require_root
 
 # Imports lockd (the package under test): if it is missing, collection fails loudly.
-from tests.harness.daemons import Daemon, start_daemon
-from tests.harness.wire import EOF, UUID_B, UUID_W, Conn, Outcome, StandInOwner, describe
+from testbed.daemons import Daemon, start_daemon
+from testbed.wire import EOF, UUID_B, UUID_W, Conn, Outcome, StandInOwner, describe
 
 BASE = Path(f"/tmp/lockd-diff-{os.getpid()}")
 TREE = BASE / "tree"

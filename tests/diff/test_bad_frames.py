@@ -16,7 +16,7 @@ import pytest
 
 from lockd import protocol as P
 from lockd import rpc, xdr
-from tests.harness.wire import PING, UUID_A, raw_header, register_args, res_args
+from testbed.wire import PING, UUID_A, raw_header, register_args, res_args
 
 pytestmark = pytest.mark.c_daemon
 

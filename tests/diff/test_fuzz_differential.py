@@ -21,8 +21,8 @@ import pytest
 
 from lockd import protocol as P
 from lockd import rpc, xdr
-from tests.harness.daemons import start_daemon
-from tests.harness.wire import (EOF, PING, UUID_A, UUID_W, Conn, describe, register_args,
+from testbed.daemons import start_daemon
+from testbed.wire import (EOF, PING, UUID_A, UUID_W, Conn, describe, register_args,
                                 res_args)
 from tests.harness import require_c_virtlockd, require_root
 

@@ -14,7 +14,7 @@ import pytest
 from lockd import protocol as P
 from lockd import rpc
 from tests.diff.test_owner_eof import until_acquired
-from tests.harness.wire import UUID_A, UUID_B, describe, error_of, probe_setlk
+from testbed.wire import UUID_A, UUID_B, describe, error_of, probe_setlk
 
 SHARED = P.ACQUIRE_SHARED
 pytestmark = pytest.mark.c_daemon

@@ -1,7 +1,7 @@
 """Differential: what happens when connections close (spec §4.6), peer
 credentials (§4.2) and max_clients back-pressure.
 
-The owner is a stand-in child process (tests/harness/owner_stub.py) that
+The owner is a stand-in child process (testbed/owner_stub.py) that
 connects by itself, so its SO_PEERCRED pid equals the pid it REGISTERs, like
 the connection libvirt leaks into QEMU. Both daemons are allowed to kill it.
 """
@@ -16,7 +16,7 @@ import time
 import pytest
 
 from lockd import protocol as P
-from tests.harness.wire import EOF, PING, PONG, UUID_A, UUID_B, Conn
+from testbed.wire import EOF, PING, PONG, UUID_A, UUID_B, Conn
 
 SHARED, AUTO = P.ACQUIRE_SHARED, P.ACQUIRE_AUTOCREATE
 pytestmark = pytest.mark.c_daemon

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from lockd import protocol as P
-from tests.harness.wire import UUID_A, UUID_B
+from testbed.wire import UUID_A, UUID_B
 
 SHARED, AUTO = P.ACQUIRE_SHARED, P.ACQUIRE_AUTOCREATE
 pytestmark = pytest.mark.c_daemon
@@ -318,7 +318,7 @@ def test_owner_identity_is_registered_pid(differential):
 def test_pipelined_calls(differential):
     """Several calls in one write: answered one by one, in order."""
     def sc(r):
-        from tests.harness.wire import register_args, res_args
+        from testbed.wire import register_args, res_args
         c = r.conn()
         disk = r.path("disk1.img")
         frames = (P.encode_call(P.PROC_REGISTER, 0, register_args(UUID_A, "vm1", 1, r.fake_pid(1)))
@@ -381,7 +381,7 @@ def test_locks_held_by_another_host(differential):
     """fcntl conflicts with a lock held outside the daemon (another host's
     virtlockd on shared storage): EAGAIN/EACCES -> busy, and the shared lease
     file is not deleted while another host still holds it (spec §4.4)."""
-    from tests.harness.wire import ForeignLock
+    from testbed.wire import ForeignLock
 
     def sc(r):
         c = r.registered()

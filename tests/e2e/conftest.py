@@ -9,7 +9,7 @@ import os
 import pytest
 
 from tests.harness import require, require_root
-from tests.harness.libvirt import shared_env
+from testbed.libvirt import shared_env
 
 
 @pytest.fixture(scope="session")

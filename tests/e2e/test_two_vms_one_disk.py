@@ -11,7 +11,7 @@ import time
 import pytest
 
 from lockd.admin import AdminClient
-from tests.harness.libvirt import ADMIN_SOCK, EXTRA, LEASE_DIR, UUIDS, lease_name
+from testbed.libvirt import ADMIN_SOCK, EXTRA, LEASE_DIR, UUIDS, lease_name
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 

@@ -1,4 +1,5 @@
-"""Shared test harnesses: lock daemons on private sockets, real libvirt + QEMU.
+"""pytest-side helpers of the suite (the test bed itself is the top-level
+package ``testbed``).
 
 `require()` is how a test states a prerequisite. Locally a missing
 prerequisite skips (visibly, with -ra); in CI (CI=true) it FAILS, because
@@ -8,15 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-# CI lays shared/ beside the clone; developers have it at /work/shared.
-SHARED_CANDIDATES = (REPO.parent / "shared", Path("/work/shared"))
-
-C_VIRTLOCKD = "/usr/sbin/virtlockd"
+from testbed import C_VIRTLOCKD, REPO  # noqa: F401  (re-exported for the tests)
 
 
 def in_ci() -> bool:
@@ -44,10 +40,3 @@ def require_tool(name: str, package: str) -> str:
     path = shutil.which(name)
     require(path, f"{name} (apt package {package})")
     return path  # type: ignore[return-value]
-
-
-def shared_dir() -> Path:
-    for cand in SHARED_CANDIDATES:
-        if (cand / "spec").is_dir():
-            return cand
-    raise FileNotFoundError(f"shared/ not found in any of {[str(c) for c in SHARED_CANDIDATES]}")

@@ -1,7 +1,7 @@
 """Run every Molecule scenario (``molecule test -s <name>``) as one pytest test.
 
-The scenarios live in ``molecule/<name>/`` and boot systemd-nspawn hosts
-through ``tests/harness/nspawn.py``. While a scenario runs, its steps
+The scenarios live in ``extensions/molecule/<name>/`` and boot systemd-nspawn hosts
+through ``testbed/nspawn.py``. While a scenario runs, its steps
 (create, converge, idempotence, verify, destroy) and Ansible tasks are echoed
 to the terminal, prefixed with the scenario name. The full log goes to
 ``.cache/molecule-logs/<scenario>.log``; on failure its tail is in the report.
@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 
 from tests.harness import require, require_root
-from tests.harness.nspawn import prepare_rootfs
+from testbed.nspawn import prepare_rootfs
 
 REPO = Path(__file__).resolve().parents[2]
 LOGS = REPO / ".cache" / "molecule-logs"
-SCENARIOS = sorted(p.parent.name for p in (REPO / "molecule").glob("*/molecule.yml"))
+SCENARIOS = sorted(p.parent.name for p in (REPO / "extensions" / "molecule").glob("*/molecule.yml"))
 # Lines worth echoing live: Molecule's step lines and Ansible's task/recap lines.
 PROGRESS = re.compile(r"(➜|^\s*│?\s*(TASK|PLAY|RUNNING HANDLER) \[|fatal:|FAILED|failed=[1-9]|"
                       r"Idempotence|^\s*│?\s*\S+\s+: ok=|\b(PASSED|FAILED|ERROR)\b|\d+ (passed|failed))")
@@ -92,7 +92,7 @@ def test_molecule_scenario(scenario, pytestconfig, tmp_path_factory):
                 proc.kill()
                 proc.wait()
                 # Molecule was killed mid-run: make sure its hosts do not outlive it.
-                subprocess.run([sys.executable, "-m", "tests.harness.nspawn", "destroy",
+                subprocess.run([sys.executable, "-m", "testbed.nspawn", "destroy",
                                 str(ephemeral / "nspawn")], cwd=REPO)
     took = time.monotonic() - t0
     _echo(f"[molecule {scenario}] {'passed' if rc == 0 else f'FAILED (exit {rc})'} in {took:.0f} s")

@@ -92,8 +92,8 @@ def pytest_sessionfinish(session, exitstatus):
         f"Machine: {_machine()}.",
         "",
         "How each fault is applied: the daemons run on this host with real libvirtd + QEMU where a VM "
-        "is involved (`tests/harness/libvirt.py`), otherwise on private sockets with stand-in owner "
-        "processes (`tests/harness/daemons.py`). In both cases the harness socket-activates the daemon "
+        "is involved (`testbed/libvirt.py`), otherwise on private sockets with stand-in owner "
+        "processes (`testbed/daemons.py`). In both cases the harness socket-activates the daemon "
         "and keeps the listening sockets open across a crash, as systemd does. *fd store* rows give "
         "the daemon `NOTIFY_SOCKET` and an emulated systemd file-descriptor store "
         "(`NotifyEmulator`: FDSTORE=1/FDNAME/FDSTOREREMOVE=1, fds handed back in `LISTEN_FDS` on "

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from lockd import rpc
-from tests.harness.daemons import fake_pid, start_daemon
-from tests.harness.libvirt import EXTRA, IMAGES, LEASE_DIR, lease_name, shared_env
-from tests.harness.wire import (EOF, PING, PONG, UUID_A, UUID_B, Conn, StandInOwner, describe,
+from testbed.daemons import fake_pid, start_daemon
+from testbed.libvirt import EXTRA, IMAGES, LEASE_DIR, lease_name, shared_env
+from testbed.wire import (EOF, PING, PONG, UUID_A, UUID_B, Conn, StandInOwner, describe,
                                 error_of, probe_setlk)
 
 pytestmark = [pytest.mark.c_daemon, pytest.mark.slow]

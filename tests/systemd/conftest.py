@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from tests.harness import require, require_root
-from tests.harness.nspawn import Cluster, prepare_rootfs
+from testbed.nspawn import Cluster, prepare_rootfs
 
 HOSTS = {"sd12": "bookworm", "sd13": "trixie"}
 

@@ -8,7 +8,8 @@ from hypothesis import given, strategies as st
 from lockd import protocol as P
 from lockd import rpc, xdr
 
-TRACE = Path(__file__).resolve().parents[3] / "shared" / "spec" / "virtlockd-wire-trace.txt"
+# The project's own copy of the real libvirt 9.0.0 trace (its header says where it came from).
+TRACE = Path(__file__).resolve().parents[1] / "data" / "virtlockd-wire-trace.txt"
 
 
 def h(s: str) -> bytes:

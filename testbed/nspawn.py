@@ -27,10 +27,10 @@ owner died.
 
 CLI::
 
-    python -m tests.harness.nspawn create RUN_DIR hv1:bookworm hv2:trixie [--share /var/lib/libvirt/images ...]
-    python -m tests.harness.nspawn exec RUN_DIR hv1 -- systemctl status virtlockd.socket
-    python -m tests.harness.nspawn destroy RUN_DIR        (or: destroy --all)
-    python -m tests.harness.nspawn list
+    python -m testbed.nspawn create RUN_DIR hv1:bookworm hv2:trixie [--share /var/lib/libvirt/images ...]
+    python -m testbed.nspawn exec RUN_DIR hv1 -- systemctl status virtlockd.socket
+    python -m testbed.nspawn destroy RUN_DIR        (or: destroy --all)
+    python -m testbed.nspawn list
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BUILD_ROOTFS = ROOT / "scripts" / "build-rootfs.sh"
 CACHE = Path(os.environ.get("LOCKD_ROOTFS_CACHE", ROOT / ".cache" / "rootfs"))
 REGISTRY = Path("/run/lockd-nspawn")
@@ -223,7 +223,7 @@ def _pick_subnet() -> ipaddress.IPv4Network:
             continue
         if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
             return net
-    raise NspawnError(f"no free /24 left in {SUBNET_POOL} (leftover bridges? run: python -m tests.harness.nspawn destroy --all)")
+    raise NspawnError(f"no free /24 left in {SUBNET_POOL} (leftover bridges? run: python -m testbed.nspawn destroy --all)")
 
 
 def _children(pid: int) -> list[int]:
@@ -678,7 +678,7 @@ def _destroy_dir(run_dir: str | Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.harness.nspawn", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m testbed.nspawn", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("create", help="boot hosts (NAME:SUITE ...) into RUN_DIR")
     c.add_argument("run_dir")

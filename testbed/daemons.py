@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-C_VIRTLOCKD = "/usr/sbin/virtlockd"
+from testbed import C_VIRTLOCKD
 FDNAMES = "virtlockd.socket:virtlockd-admin.socket"
 SD_LISTEN_FDS_START = 3
 

@@ -20,7 +20,7 @@ Only one harness may drive the host's libvirt at a time: setup() takes an
 exclusive flock on HOST_LOCK (blocking, with a message) and keeps it until
 teardown(). Anyone else scripting this host's libvirt should take it too.
 
-`python -m tests.harness.libvirt demo` runs the two-VMs-one-disk demo.
+`python -m testbed.libvirt demo` runs the two-VMs-one-disk demo.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ ADMIN_SOCK = Path("/run/libvirt/virtlockd-admin-sock")
 LOCKD_PIDFILE = Path("/run/virtlockd.pid")
 LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
 LOG_DIR = Path("/var/log/libvirt")
-C_VIRTLOCKD = "/usr/sbin/virtlockd"
+from testbed import C_VIRTLOCKD
 # Our daemon's default state directory (journal): cleared at setup so a
 # crashed earlier run cannot leave leases behind for this one.
 PY_STATE_DIR = Path("/run/virtlockd")
@@ -60,7 +60,7 @@ UUIDS = {
 }
 
 QEMU_CONF = """\
-# written by tests/harness/libvirt.py (restored on teardown)
+# written by testbed/libvirt.py (restored on teardown)
 lock_manager = "{lock_manager}"
 user = "root"
 group = "root"
@@ -73,7 +73,7 @@ stdio_handler = "file"
 """
 
 LIBVIRTD_CONF = """\
-# written by tests/harness/libvirt.py (restored on teardown)
+# written by testbed/libvirt.py (restored on teardown)
 auth_unix_rw = "none"
 auth_unix_ro = "none"
 unix_sock_rw_perms = "0700"
@@ -118,7 +118,7 @@ class LibvirtEnv:
                  notify: bool = False):
         """supervised=False: the lock daemon binds the default socket paths itself
         (as `virtlockd` run by hand). supervised=True: the harness binds them and
-        socket-activates the daemon like systemd (tests.harness.daemons.Daemon),
+        socket-activates the daemon like systemd (testbed.daemons.Daemon),
         keeping the sockets across daemon crashes; notify=True adds NOTIFY_SOCKET
         and an emulated systemd fd store."""
         if lock_daemon not in ("py", "c"):
@@ -133,7 +133,7 @@ class LibvirtEnv:
         self.lockd_proc: Optional[subprocess.Popen] = None
         self.supervised = supervised
         self.notify = notify
-        self.daemon = None   # tests.harness.daemons.Daemon when supervised
+        self.daemon = None   # testbed.daemons.Daemon when supervised
         self.lockd_log = LOG_DIR / "lockd-harness-daemon.log"
         self.libvirtd_log = LOG_DIR / "libvirtd-harness.log"
         self.indirect = False
@@ -215,14 +215,14 @@ class LibvirtEnv:
         conf = {"log_outputs": f"3:file:{self.lockd_log}"}
         conf.update(self.lockd_conf)
         lines = [f'{k} = {v}' if isinstance(v, int) else f'{k} = "{v}"' for k, v in conf.items()]
-        (ETC / "virtlockd.conf").write_text("# written by tests/harness/libvirt.py\n" + "\n".join(lines) + "\n")
+        (ETC / "virtlockd.conf").write_text("# written by testbed/libvirt.py\n" + "\n".join(lines) + "\n")
         self._write_lockd_plugin_conf()
 
     def _write_lockd_plugin_conf(self) -> None:
         path = ETC / "qemu-lockd.conf"
         if self.indirect:
             LEASE_DIR.mkdir(parents=True, exist_ok=True)
-            path.write_text(f'# written by tests/harness/libvirt.py\nauto_disk_leases = 1\n'
+            path.write_text(f'# written by testbed/libvirt.py\nauto_disk_leases = 1\n'
                             f'file_lockspace_dir = "{LEASE_DIR}"\n')
         else:
             with contextlib.suppress(FileNotFoundError):
@@ -276,7 +276,7 @@ class LibvirtEnv:
         raise HarnessError(f"lock daemon not answering on {LOCK_SOCK}:\n{self.lockd_log_tail()}")
 
     def _start_supervised(self, timeout: float) -> int:
-        from tests.harness.daemons import Daemon
+        from testbed.daemons import Daemon
         if self.daemon is None:
             ddir = self.workdir / f"lockd-{self.lock_daemon}"
             if ddir.exists():       # no journal/state from an earlier env in this run
@@ -292,7 +292,7 @@ class LibvirtEnv:
         return self.daemon.pid
 
     def _lock_socket_answers(self) -> bool:
-        from tests.harness.daemons import ping
+        from testbed.daemons import ping
         try:
             return ping(LOCK_SOCK, timeout=2)
         except OSError:
@@ -756,5 +756,5 @@ def _print_admin_leases() -> None:
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "demo":
         sys.exit(demo(sys.argv[2] if len(sys.argv) > 2 else "py"))
-    print("usage: python -m tests.harness.libvirt demo [py|c]", file=sys.stderr)
+    print("usage: python -m testbed.libvirt demo [py|c]", file=sys.stderr)
     sys.exit(2)
