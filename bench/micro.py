@@ -5,11 +5,11 @@ client, no scheduler noise): what one ACQUIRE + RELEASE costs in Python.
     .venv/bin/python -m bench.micro            # timing, then a cProfile of the same loop
     .venv/bin/python -m bench.micro --n 50000 --no-profile
 
-It builds a real `lockd.server.Server` (journal in a temporary state dir),
-attaches one side of a socketpair as a lock connection that REGISTERed a fake
-owner, and feeds it precomputed ACQUIRE/RELEASE frames through
-`Server._process` (the code path a readable socket takes after `read()`),
-draining the replies from the other side. This is the part of
+It builds a real `lockd.server.Server` on a `DaemonState` (journal in a
+temporary state dir), attaches one side of a socketpair as a lock connection
+that REGISTERed a fake owner, and feeds it precomputed ACQUIRE/RELEASE frames
+through `LockConn.process` + `flush` (the code path a readable socket takes
+after `recv()`), draining the replies from the other side. This is the part of
 "daemon CPU per RPC" that Python code spends; the rest is epoll_wait/read/
 write in the kernel (compare with `strace -c -p <pid>` under `make bench`).
 """
@@ -30,22 +30,38 @@ from bench import wire
 
 
 def build(tmp: Path):
+    from lockd.config import DEFAULTS
     from lockd.journal import Journal
     from lockd.lockspace import Locks
-    from lockd.server import Server
+    from lockd.loop import EventLoop
+    from lockd.program import LockProgram
+    from lockd.server import LockConn, Server
+    from lockd.state import DaemonState, Recorder
     from lockd.systemd import Notifier
-    from lockd.config import DEFAULTS
 
-    state = tmp / "state"
-    state.mkdir()
-    journal = Journal(str(state / "journal"))
+    state_dir = tmp / "state"
+    state_dir.mkdir()
+    journal = Journal(str(state_dir / "journal"))
     journal.open()
-    cfg = dict(DEFAULTS, state_dir=str(state))
-    srv = Server(cfg, Locks(cfg.get("lock_type", "ofd")), Notifier(""), journal, privileged=False)
+    cfg = dict(DEFAULTS, state_dir=str(state_dir))
+    state = DaemonState(cfg, Locks(cfg.get("lock_type", "ofd")), Recorder(journal, Notifier(""), False),
+                        EventLoop(), privileged=False)
+    srv = Server(state, LockProgram(state))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.setblocking(False)
-    c = srv._add_client(ours, -1, os.geteuid())
+    c = LockConn(srv, ours, -1, os.geteuid()).start()
     return srv, c, theirs
+
+
+def feeder(c):
+    """What the loop does with a readable socket's bytes."""
+    rbuf, process, flush = c.rbuf, c.process, c.flush
+
+    def feed(data: bytes) -> None:
+        rbuf.extend(data)
+        process()
+        flush()
+    return feed
 
 
 def main(argv=None) -> int:
@@ -58,18 +74,19 @@ def main(argv=None) -> int:
     disk = wire.lease_files(tmp / "disks", "micro", 1)[0]
     srv, c, peer = build(tmp)
     fake = wire.fake_pid_base()
-    srv._process(c, wire.register(0, fake, 0))
+    process = feeder(c)
+    process(wire.register(0, fake, 0))
     peer.recv(4096)
     acq, rel = wire.acquire(disk, 1), wire.release(disk, 2)
     ok_a, ok_r = wire.ok_reply(acq), wire.ok_reply(rel)
-    process, recv = srv._process, peer.recv
+    recv = peer.recv
 
     def loop(n):
         for _ in range(n):
-            process(c, acq)
+            process(acq)
             if recv(4096) != ok_a:
                 raise SystemExit("unexpected reply to ACQUIRE")
-            process(c, rel)
+            process(rel)
             if recv(4096) != ok_r:
                 raise SystemExit("unexpected reply to RELEASE")
 

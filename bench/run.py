@@ -59,7 +59,8 @@ def start(kind: str, workdir: Path, tag: str, p: Params, max_clients: Optional[i
     env = argv = None
     if kind == "py":
         # PYTHONPATH: ours must import `lockd` even when bench runs outside the venv.
-        env = {"PYTHONPATH": str(_path.ROOT / "lockd_src")}
+        # LOCKD_BENCH_SRC runs another tree's lockd (an older commit, for before/after figures).
+        env = {"PYTHONPATH": os.environ.get("LOCKD_BENCH_SRC") or str(_path.ROOT / "lockd_src")}
         # Same sandbox as the C daemon: a private mount namespace with a fresh
         # tmpfs on /run. Its state (journal, re-exec file) lives in /run/virtlockd
         # on tmpfs as in production, and should it ever fall back to its default

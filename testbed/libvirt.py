@@ -743,7 +743,7 @@ def _libvirt_version() -> str:
 
 def _print_admin_leases() -> None:
     try:
-        from lockd.admin import AdminClient
+        from lockd.adminclient import AdminClient
         with AdminClient(str(ADMIN_SOCK)) as a:
             for lease in a.call("leases")["leases"]:
                 owners = ", ".join(f"{o.get('name')} pid {o.get('pid')}" for o in lease.get("owners", []))

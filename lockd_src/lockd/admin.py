@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """The admin interface: JSON lines on the admin socket (docs/admin-protocol.md).
 
-Server side (operations on a running :class:`~lockd.server.Server`) and the
-reference client :class:`AdminClient`.
+:class:`AdminConn` reads request lines and :func:`handle_line` answers them;
+the operations work on a :class:`~lockd.state.DaemonState` and nothing else.
+The client side is :mod:`lockd.adminclient`.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import json
 import logging
 import os
 import socket
-import time
 import uuid as uuidlib
 from typing import Any, Dict, List, Optional
 
@@ -20,6 +20,8 @@ from . import owners as own
 from . import protocol as P
 from . import rpc
 from .lockspace import AUTOCREATE, SHARED, Resource
+from .server import Conn, Endpoint
+from .state import DaemonState
 
 log = logging.getLogger("lockd.admin")
 
@@ -29,152 +31,80 @@ OPS = ("hello", "status", "lockspaces", "leases", "clients", "release", "acquire
 
 
 class AdminError(Exception):
+    """A refused admin request: ``code`` is stable (docs/admin-protocol.md)."""
+
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
 
 
-# --------------------------------------------------------------------------- server
+# --------------------------------------------------------------------------- connections
 
 
-class AdminConn:
-    __slots__ = ("server", "sock", "fd", "pid", "uid", "rbuf", "wbuf", "connected_at")
+class AdminConn(Conn):
+    """A connection on the admin socket: one JSON request per line, answered in order."""
 
-    def __init__(self, server, sock, pid, uid):
-        self.server = server
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.pid = pid
-        self.uid = uid
-        self.rbuf = b""
-        self.wbuf = b""
-        self.connected_at = time.time()
+    __slots__ = ()
 
-    def close(self) -> None:
-        if self.fd < 0:
-            return
-        self.server.remove_handler(self.fd)
-        self.server.admins.pop(self.fd, None)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        self.fd = -1
+    def __init__(self, state: DaemonState, sock: socket.socket, pid: int, uid: int) -> None:
+        super().__init__(state, sock, pid, uid, state.admins)
 
-    def on_event(self, fd: int, ev: int) -> None:
-        import select
-        if ev & select.EPOLLOUT:
-            self._flush()
-            if self.fd < 0 or not ev & select.EPOLLIN:
-                return
-        try:
-            data = self.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close()
-            return
-        if not data:
-            self.close()
-            return
-        self.rbuf += data
+    def process(self) -> None:
+        buf = self.rbuf
+        pos = 0
         while self.fd >= 0:
-            nl = self.rbuf.find(b"\n")
+            nl = buf.find(b"\n", pos)
             if nl < 0:
-                if len(self.rbuf) >= MAX_LINE:
-                    self.send({"v": VERSION, "id": None, "ok": False,
-                               "error": {"code": "bad-request",
-                                         "message": "request line longer than %d bytes" % MAX_LINE}})
-                    self.close()
+                if len(buf) - pos >= MAX_LINE:
+                    self._too_long()
+                    return
+                break
+            if nl - pos + 1 > MAX_LINE:
+                self._too_long()
                 return
-            line, self.rbuf = self.rbuf[:nl], self.rbuf[nl + 1:]
-            if len(line) + 1 > MAX_LINE:
-                self.send({"v": VERSION, "id": None, "ok": False,
-                           "error": {"code": "bad-request",
-                                     "message": "request line longer than %d bytes" % MAX_LINE}})
-                self.close()
-                return
+            line = bytes(buf[pos:nl])
+            pos = nl + 1
             if line.strip():
-                self.send(handle_line(self.server, line))
+                self.send(handle_line(self.state, line))
+        del buf[:pos]
+
+    def _too_long(self) -> None:
+        self.send(_error_response(None, "bad-request", "request line longer than %d bytes" % MAX_LINE))
+        self.flush()
+        self.close()
 
     def send(self, obj: dict) -> None:
-        j = self.server.journal
-        if j is not None and j.pending:
-            j.flush()          # an admin acquire/release is journaled before it is confirmed
-        data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
-        if self.wbuf:
-            self.wbuf += data
-            return
-        try:
-            n = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError:
-            self.close()
-            return
-        if n < len(data):
-            import select
-            self.wbuf = data[n:]
-            self.server.ep.modify(self.fd, select.EPOLLIN | select.EPOLLOUT)
-
-    def _flush(self) -> None:
-        import select
-        try:
-            n = self.sock.send(self.wbuf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close()
-            return
-        self.wbuf = self.wbuf[n:]
-        if not self.wbuf:
-            self.server.ep.modify(self.fd, select.EPOLLIN)
+        self.wbuf += (json.dumps(obj, separators=(",", ":")) + "\n").encode()
 
 
-def accept_admin(server, lsock: socket.socket) -> None:
-    from .server import peer_cred
-    import select
-    while True:
-        try:
-            sock = lsock.accept()[0]
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            log.error("cannot accept an admin client: %s", e.strerror)
-            return
-        try:
-            pid, uid, _gid = peer_cred(sock)
-        except OSError:
-            sock.close()
-            continue
-        conn = AdminConn(server, sock, pid, uid)
-        if not server._peer_allowed(uid):
-            log.warning("Disallowing admin client pid %d with uid %d", pid, uid)
-            _refuse(sock, "permission-denied",
-                    "the lockd admin socket is for root only (your uid is %d); run the command as root" % uid)
-            continue
-        if len(server.admins) >= server.cfg["admin_max_clients"]:
-            _refuse(sock, "internal", "too many admin clients (%d); retry later or raise admin_max_clients"
-                    % server.cfg["admin_max_clients"])
-            continue
-        sock.setblocking(False)
-        server.admins[conn.fd] = conn
-        server.add_handler(conn.fd, select.EPOLLIN, conn.on_event)
+def endpoint(state: DaemonState) -> Endpoint:
+    """The admin socket's part of the server's accept path."""
+    return Endpoint("admin", state.admins, "admin_max_clients",
+                    lambda sock, pid, uid: AdminConn(state, sock, pid, uid).start(),
+                    lambda sock, uid: _refuse(sock, "permission-denied",
+                                              "the lockd admin socket is for root only (your uid is %d); "
+                                              "run the command as root" % uid),
+                    lambda sock, pid, uid: _refuse(sock, "internal",
+                                                   "too many admin clients (%d); retry later or raise "
+                                                   "admin_max_clients" % state.cfg["admin_max_clients"]))
+
+
+def _error_response(rid, code: str, message: str) -> dict:
+    return {"v": VERSION, "id": rid, "ok": False, "error": {"code": code, "message": message}}
 
 
 def _refuse(sock: socket.socket, code: str, message: str) -> None:
     try:
         sock.setblocking(True)
         sock.settimeout(1.0)
-        sock.sendall((json.dumps({"v": VERSION, "id": None, "ok": False,
-                                  "error": {"code": code, "message": message}}) + "\n").encode())
+        sock.sendall((json.dumps(_error_response(None, code, message)) + "\n").encode())
     except OSError:
         pass
     sock.close()
 
 
-def handle_line(server, line: bytes) -> dict:
+def handle_line(state: DaemonState, line: bytes) -> dict:
     rid = None
     try:
         try:
@@ -202,13 +132,13 @@ def handle_line(server, line: bytes) -> dict:
         fn = _OPS.get(op)
         if fn is None:
             raise AdminError("unknown-op", "unknown operation %r; known operations: %s" % (op, ", ".join(OPS)))
-        result = fn(server, _Args(op, args))
+        result = fn(state, _Args(op, args))
         return {"v": VERSION, "id": rid, "ok": True, "result": result}
     except AdminError as e:
-        return {"v": VERSION, "id": rid, "ok": False, "error": {"code": e.code, "message": e.message}}
+        return _error_response(rid, e.code, e.message)
     except Exception as e:  # never let one request take the daemon down
         log.exception("admin request failed")
-        return {"v": VERSION, "id": rid, "ok": False, "error": {"code": "internal", "message": str(e)}}
+        return _error_response(rid, "internal", str(e))
 
 
 class _Args:
@@ -239,8 +169,8 @@ class _Args:
             raise AdminError("invalid-argument", "%s does not take argument(s) %s" % (self.op, ", ".join(extra)))
 
 
-def _owner_obj(server, res: Optional[Resource], pid: int) -> dict:
-    info = server.owners.get(pid)
+def _owner_obj(state, res: Optional[Resource], pid: int) -> dict:
+    info = state.owners.get(pid)
     started = info.start_time if info else None
     return {
         "uuid": info.uuid_str if info else None, "name": info.name if info else None,
@@ -250,35 +180,35 @@ def _owner_obj(server, res: Optional[Resource], pid: int) -> dict:
     }
 
 
-def lease_obj(server, res: Resource) -> dict:
+def lease_obj(state, res: Resource) -> dict:
     return {
         "lockspace": res.lockspace.key, "resource": res.name, "path": res.path,
         "dev": res.dev, "ino": res.ino, "shared": bool(res.flags & SHARED),
         "autocreate": bool(res.flags & AUTOCREATE),
-        "owners": [_owner_obj(server, res, pid) for pid in dict.fromkeys(res.owners)],
+        "owners": [_owner_obj(state, res, pid) for pid in dict.fromkeys(res.owners)],
     }
 
 
-def _op_hello(server, a: _Args) -> dict:
+def _op_hello(state, a: _Args) -> dict:
     a.done()
     return {"protocol": VERSION, "server": "lockd", "version": __version__, "ops": list(OPS)}
 
 
-def _op_status(server, a: _Args) -> dict:
+def _op_status(state, a: _Args) -> dict:
     a.done()
-    st = server.status()
+    st = state.status()
     st["version"] = __version__
     return st
 
 
-def _op_lockspaces(server, a: _Args) -> dict:
+def _op_lockspaces(state, a: _Args) -> dict:
     a.done()
     return {"lockspaces": [{"path": ls.key, "directory": ls.directory, "resources": len(ls.resources),
                             "persistent": True}
-                           for ls in server.locks.lockspaces.values()]}
+                           for ls in state.locks.lockspaces.values()]}
 
 
-def _matching(server, a: _Args) -> List[Resource]:
+def _matching(state, a: _Args) -> List[Resource]:
     lockspace = a.get("lockspace", str)
     resource = a.get("resource", str)
     path = a.get("path", str)
@@ -296,11 +226,11 @@ def _matching(server, a: _Args) -> List[Resource]:
     if owner_uuid is not None or owner_name is not None:
         if owner_uuid is not None:
             owner_uuid = _norm_uuid(owner_uuid)
-        pids = {pid for pid, info in server.owners.items()
+        pids = {pid for pid, info in state.owners.infos.items()
                 if (owner_uuid is None or info.uuid_str == owner_uuid)
                 and (owner_name is None or info.name == owner_name)}
     out = []
-    for res in server.locks.resources():
+    for res in state.locks.resources():
         if lockspace is not None and res.lockspace.key != lockspace:
             continue
         if resource is not None and res.name != resource:
@@ -326,16 +256,16 @@ def _norm_uuid(s: str) -> str:
         raise AdminError("invalid-argument", "%r is not a UUID" % s) from None
 
 
-def _op_leases(server, a: _Args) -> dict:
-    res = _matching(server, a)
+def _op_leases(state, a: _Args) -> dict:
+    res = _matching(state, a)
     a.done()
-    return {"leases": [lease_obj(server, r) for r in res]}
+    return {"leases": [lease_obj(state, r) for r in res]}
 
 
-def _op_clients(server, a: _Args) -> dict:
+def _op_clients(state, a: _Args) -> dict:
     a.done()
     out = []
-    for c in server.clients.values():
+    for c in state.clients.values():
         o = c.owner
         out.append({"id": c.id, "pid": c.pid, "uid": c.uid, "restricted": c.restricted,
                     "registered": o is not None,
@@ -345,7 +275,7 @@ def _op_clients(server, a: _Args) -> dict:
     return {"clients": out}
 
 
-def _op_release(server, a: _Args) -> dict:
+def _op_release(state, a: _Args) -> dict:
     lockspace = a.get("lockspace", str)
     resource = a.get("resource", str)
     owner_uuid = a.get("owner_uuid", str)
@@ -360,7 +290,7 @@ def _op_release(server, a: _Args) -> dict:
     if given[0]:
         if lockspace is None or resource is None:
             raise AdminError("invalid-argument", "release by lease needs both lockspace and resource")
-        ls = server.locks.lockspaces.get(lockspace)
+        ls = state.locks.lockspaces.get(lockspace)
         if ls is None:
             raise AdminError("not-found", "no lockspace %r; list them with the lockspaces operation" % lockspace)
         res = ls.resources.get(resource)
@@ -368,41 +298,41 @@ def _op_release(server, a: _Args) -> dict:
     else:
         if owner_uuid is not None:
             u = _norm_uuid(owner_uuid)
-            pids = {pid for pid, info in server.owners.items() if info.uuid_str == u}
+            pids = {pid for pid, info in state.owners.infos.items() if info.uuid_str == u}
         else:
             pids = {owner_pid}
         targets = [(r, [p for p in dict.fromkeys(r.owners) if p in pids])
-                   for r in server.locks.resources() if pids.intersection(r.owners)]
+                   for r in state.locks.resources() if pids.intersection(r.owners)]
     if not force:
         for res, pids in targets:
             for pid in pids:
-                info = server.owners.get(pid)
+                info = state.owners.get(pid)
                 if own.alive(pid, info.start_time if info else None):
                     raise AdminError(
                         "owner-alive",
                         "lease %r in lockspace %r is held by running process %d (%s); stop that VM first, "
                         "or pass force=true to release it anyway (the VM then runs unprotected)"
                         % (res.name, res.lockspace.key, pid, info.name if info else "unknown owner"))
-    released = [lease_obj(server, target[0]) for target in targets]
+    released = [lease_obj(state, target[0]) for target in targets]
     if not dry_run:
         for res, pids in targets:
             if res.fd < 0:
                 continue
             if given[0] or set(res.owners) <= set(pids):
-                server.locks.remove_resource(res)
+                state.remove(res)
             else:
                 for pid in pids:
                     while pid in res.owners:
-                        server.locks.release(res.lockspace, res.name, pid)
+                        state.release(res.lockspace, res.name, pid)
             for pid in pids:
-                server._forget_owner_if_idle(pid)
+                state.owners.forget_if_idle(pid)
         for lease in released:
             log.warning("admin released lease %r in lockspace %r (force=%s)", lease["resource"],
                         lease["lockspace"], force)
     return {"changed": bool(targets), "released": released}
 
 
-def _op_acquire(server, a: _Args) -> dict:
+def _op_acquire(state, a: _Args) -> dict:
     lockspace = a.get("lockspace", str, "")
     resource = a.get("resource", str, required=True)
     shared = a.get("shared", bool, False)
@@ -427,10 +357,10 @@ def _op_acquire(server, a: _Args) -> dict:
     if lockspace == "" and not resource.startswith("/"):
         raise AdminError("invalid-argument", "resources in the default lockspace are absolute disk paths")
     flags = (SHARED if shared else 0) | (AUTOCREATE if autocreate else 0)
-    ls = server.locks.lockspaces.get(lockspace)
+    ls = state.locks.lockspaces.get(lockspace)
     res = ls.resources.get(resource) if ls is not None else None
     if res is not None and opid in res.owners and bool(res.flags & SHARED) == shared:
-        return {"changed": False, "lease": lease_obj(server, res)}
+        return {"changed": False, "lease": lease_obj(state, res)}
     if res is not None and not (res.flags & SHARED and shared):
         raise AdminError("busy", "resource busy: Lockspace resource '%s' is locked (held by pid %s)"
                          % (resource, ", ".join(str(p) for p in dict.fromkeys(res.owners))))
@@ -438,96 +368,19 @@ def _op_acquire(server, a: _Args) -> dict:
         return {"changed": True, "lease": None}
     try:
         if ls is None:
-            ls = server.locks.create_lockspace(lockspace)
-        server._owner_info(P.Owner(uuidlib.UUID(ouuid).bytes, oname, oid, opid))
-        res = server.locks.acquire(ls, resource, opid, flags)
+            ls = state.create_lockspace(lockspace)
+        info = state.owners.identify(P.Owner(uuidlib.UUID(ouuid).bytes, oname, oid, opid))
+        res = state.acquire(ls, resource, info, flags)
     except rpc.RPCError as e:
         code = "busy" if e.code == rpc.ERR_RESOURCE_BUSY else \
             "not-found" if e.int1 == errno.ENOENT else "internal"
-        server._forget_owner_if_idle(opid)
+        state.owners.forget_if_idle(opid)
         raise AdminError(code, e.message or "acquire failed") from None
     log.warning("admin adopted lease %r in lockspace %r for pid %d (%s)", resource, lockspace, opid, oname)
-    return {"changed": True, "lease": lease_obj(server, res)}
+    return {"changed": True, "lease": lease_obj(state, res)}
 
 
 _OPS = {
     "hello": _op_hello, "status": _op_status, "lockspaces": _op_lockspaces, "leases": _op_leases,
     "clients": _op_clients, "release": _op_release, "acquire": _op_acquire,
 }
-
-
-# --------------------------------------------------------------------------- client
-
-
-class AdminClient:
-    """Reference client for the admin protocol (the Ansible modules carry their own)."""
-
-    def __init__(self, path: str = P.ADMIN_SOCKET, timeout: float = 10.0) -> None:
-        self.path = path
-        self.timeout = timeout
-        self.sock: Optional[socket.socket] = None
-        self.buf = b""
-        self.next_id = 1
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self.path)
-        except FileNotFoundError:
-            s.close()
-            raise AdminError("no-daemon", "no admin socket at %s: is virtlockd running? "
-                                          "(systemctl start virtlockd-admin.socket)" % self.path) from None
-        except ConnectionRefusedError:
-            s.close()
-            raise AdminError("no-daemon", "nothing listens on %s: start virtlockd" % self.path) from None
-        except PermissionError:
-            s.close()
-            raise AdminError("permission-denied", "cannot connect to %s: permission denied; run as root"
-                             % self.path) from None
-        self.sock = s
-
-    def call(self, op: str, **args) -> dict:
-        if self.sock is None:
-            self.connect()
-        rid = self.next_id
-        self.next_id += 1
-        req = {"v": VERSION, "id": rid, "op": op, "args": args}
-        try:
-            try:
-                self.sock.sendall((json.dumps(req) + "\n").encode())
-            except (BrokenPipeError, ConnectionResetError):
-                pass   # the daemon may have refused us already: its reason is buffered
-            while b"\n" not in self.buf:
-                try:
-                    data = self.sock.recv(65536)
-                except ConnectionResetError:
-                    data = b""
-                if not data:
-                    raise AdminError("not-lockd", "the daemon at %s closed the connection without answering: "
-                                                  "it does not speak the lockd admin protocol (is this "
-                                                  "libvirt's C virtlockd?)" % self.path)
-                self.buf += data
-        except socket.timeout:
-            raise AdminError("timeout", "no answer from %s within %.0f s" % (self.path, self.timeout)) from None
-        line, self.buf = self.buf.split(b"\n", 1)
-        try:
-            resp = json.loads(line)
-        except ValueError:
-            raise AdminError("bad-response", "the daemon at %s sent something that is not JSON" % self.path) \
-                from None
-        if not resp.get("ok"):
-            err = resp.get("error") or {}
-            raise AdminError(err.get("code", "internal"), err.get("message", "unknown error"))
-        return resp["result"]
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    def __enter__(self) -> "AdminClient":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -46,6 +46,8 @@ def _uuid_bytes(u: Union[str, bytes, uuidlib.UUID]) -> bytes:
 
 
 class LockClient:
+    """One connection to a lock daemon, speaking the lock program as libvirt does."""
+
     def __init__(self, path: str = P.LOCK_SOCKET, timeout: Optional[float] = 30.0) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

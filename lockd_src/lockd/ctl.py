@@ -10,7 +10,7 @@ from typing import List
 
 from . import __version__
 from . import protocol as P
-from .admin import AdminClient, AdminError
+from .adminclient import AdminClient, AdminError
 
 
 def _table(rows: List[List[str]], headers: List[str]) -> str:

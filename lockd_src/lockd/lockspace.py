@@ -1,12 +1,13 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Lockspaces, resources and the file locks themselves.
 
-This is where a lease is taken: :meth:`Locks.acquire`.
+This is where a lease is taken: :meth:`Locks.acquire`, called by
+:meth:`lockd.program.LockProgram.acquire` (see docs/architecture.md).
 
 Semantics follow libvirt's ``virlockspace.c`` (spec 4.3-4.4) with two
 deliberate improvements that libvirt cannot observe:
 
-* **OFD locks** (``F_OFD_SETLK``) by default instead of classic POSIX locks.
+* **OFD locks** (``F_OFD_SETLK``, :mod:`lockd.filelock`) by default instead of classic POSIX locks.
   They belong to the open file description, so closing some other fd of the
   same file never drops them, two descriptions of one file conflict even inside
   this process (a symlink or hardlink to a held disk is refused by the
@@ -17,71 +18,17 @@ deliberate improvements that libvirt cannot observe:
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
-import stat
-import struct
 import time
 from typing import Dict, List, Optional, Tuple
 
+from . import leasefile
 from . import protocol as P
+from .filelock import F_RDLCK, F_WRLCK, set_lock
 from .rpc import RPCError
-
-F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
-F_RDLCK = fcntl.F_RDLCK
-F_WRLCK = fcntl.F_WRLCK
-F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
-_FLOCK = struct.Struct("hhqqi4x")   # struct flock on Linux (x86_64, aarch64)
 
 SHARED = P.ACQUIRE_SHARED
 AUTOCREATE = P.ACQUIRE_AUTOCREATE
-
-
-_LOCK_ARGS = {k: _FLOCK.pack(k, os.SEEK_SET, 0, 1, 0) for k in (fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK)}
-_fcntl = fcntl.fcntl
-
-
-def set_lock(fd: int, kind: int, lock_type: str) -> None:
-    """Non-blocking lock of byte 0, length 1 (``kind``: F_RDLCK/F_WRLCK/F_UNLCK)."""
-    _fcntl(fd, F_OFD_SETLK if lock_type == "ofd" else fcntl.F_SETLK, _LOCK_ARGS[kind])
-
-
-def probe_lock_type(preferred: str) -> str:
-    """``preferred`` if the kernel supports it, else classic POSIX locks."""
-    if preferred != "ofd":
-        return preferred
-    r, w = os.pipe()
-    try:
-        fcntl.fcntl(r, F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
-        return "ofd"
-    except OSError as e:
-        # pipes reject file locks with EINVAL on some kernels: then try a file
-        if e.errno != errno.EINVAL:
-            return "posix"
-    finally:
-        os.close(r)
-        os.close(w)
-    import tempfile
-    with tempfile.TemporaryFile() as f:
-        try:
-            fcntl.fcntl(f.fileno(), F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
-            return "ofd"
-        except OSError:
-            return "posix"
-
-
-def _makedirs(path: str, mode: int) -> None:
-    parent = os.path.dirname(path.rstrip("/"))
-    if parent and parent != path and not os.path.isdir(parent):
-        _makedirs(parent, mode)
-    try:
-        os.mkdir(path, mode)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path) from None
-        return
-    os.chmod(path, mode)
 
 
 class Resource:
@@ -112,6 +59,9 @@ class Resource:
 
 
 class LockSpace:
+    """A directory of lease files (indirect mode), or the default lockspace
+    (``directory`` None) whose resource names are the disk paths themselves."""
+
     __slots__ = ("key", "directory", "resources")
 
     def __init__(self, key: str, directory: Optional[str]) -> None:
@@ -123,70 +73,91 @@ class LockSpace:
         return name if self.directory is None else self.directory + "/" + name
 
 
-class Listener:
-    """Hooks for persistence (journal, systemd fd store). Default: nothing."""
-
-    def lockspace_added(self, ls: LockSpace) -> None: ...
-    def resource_added(self, res: Resource, owner: int) -> None: ...
-    def owner_added(self, res: Resource, owner: int) -> None: ...
-    def owner_removed(self, res: Resource, owner: int, count: int) -> None: ...
-    def resource_removed(self, res: Resource) -> None: ...
-
-
 class Locks:
-    """All lockspaces of the daemon, the default (direct) one included."""
+    """All lockspaces of the daemon, the default (direct) one included, and
+    the indexes over their held resources.
 
-    def __init__(self, lock_type: str = "ofd", listener: Optional[Listener] = None) -> None:
+    This is the lock table and nothing else: it opens, locks, unlocks and
+    closes files. Who is told about a change (journal, fd store) is the
+    caller's business (:mod:`lockd.state`); every mutating method returns what
+    it changed.
+    """
+
+    def __init__(self, lock_type: str = "ofd") -> None:
         self.lock_type = lock_type
-        self.listener = listener or Listener()
         self.default = LockSpace("", None)
         self.lockspaces: Dict[str, LockSpace] = {"": self.default}
         self.by_inode: Dict[Tuple[int, int], List[Resource]] = {}
         # owner pid -> its resources (ordered set): an owner's EOF costs O(its leases)
         self.by_owner: Dict[int, Dict[Resource, None]] = {}
+        self.entries = 0         # (resource, owner) entries, repeats included
+
+    # -- the indexes: every change of the table goes through these four -------
+
+    def _index(self, res: Resource) -> None:
+        res.lockspace.resources[res.name] = res
+        self.by_inode.setdefault((res.dev, res.ino), []).append(res)
+
+    def _unindex(self, res: Resource) -> None:
+        ls = res.lockspace
+        if ls.resources.get(res.name) is res:
+            del ls.resources[res.name]
+        peers = self.by_inode.get((res.dev, res.ino))
+        if peers is not None:
+            peers.remove(res)
+            if not peers:
+                del self.by_inode[(res.dev, res.ino)]
 
     def add_owner(self, res: Resource, owner: int, when: Optional[float] = None) -> None:
         res.add_owner(owner, when)
         self.by_owner.setdefault(owner, {})[res] = None
+        self.entries += 1
 
-    def _unindex_owner(self, res: Resource, owner: int) -> None:
-        held = self.by_owner.get(owner)
-        if held is not None:
-            held.pop(res, None)
-            if not held:
-                del self.by_owner[owner]
+    def _remove_owner(self, res: Resource, owner: int, every: bool) -> int:
+        """Remove one entry of ``owner`` (or all of them); returns how many."""
+        before = len(res.owners)
+        if every:
+            res.owners = [p for p in res.owners if p != owner]
+        else:
+            res.owners.remove(owner)
+        if owner not in res.owners:
+            res.since.pop(owner, None)
+            held = self.by_owner.get(owner)
+            if held is not None:
+                held.pop(res, None)
+                if not held:
+                    del self.by_owner[owner]
+        removed = before - len(res.owners)
+        self.entries -= removed
+        return removed
+
+    def holds(self, owner: int) -> bool:
+        """Does ``owner`` hold any lease?"""
+        return owner in self.by_owner
 
     # -- lockspaces ---------------------------------------------------------
 
     def get(self, key: str) -> LockSpace:
+        """The lockspace ``key``, or libvirt's "does not exist" error."""
         ls = self.lockspaces.get(key)
         if ls is None:
             raise P.err_no_lockspace(key)
         return ls
-
-    def _make_dir(self, directory: str) -> None:
-        # as virLockSpaceNew: any stat failure means "create it", with every
-        # missing component made 0700 (virFileMakePathWithMode)
-        try:
-            st = os.stat(directory)
-        except OSError:
-            try:
-                _makedirs(directory, 0o700)
-            except OSError as e:
-                raise P.err_system("Unable to create lockspace %s" % directory, e) from None
-            return
-        if not stat.S_ISDIR(st.st_mode):
-            raise P.err_not_dir(directory)
 
     def create_lockspace(self, key: str) -> LockSpace:
         """CREATE_LOCKSPACE: idempotent; the default lockspace always exists."""
         ls = self.lockspaces.get(key)
         if ls is not None:
             return ls
-        self._make_dir(key)
-        ls = LockSpace(key, key)
-        self.lockspaces[key] = ls
-        self.listener.lockspace_added(ls)
+        leasefile.make_dir(key)
+        ls = self.lockspaces[key] = LockSpace(key, key)
+        return ls
+
+    def add_lockspace(self, key: str) -> LockSpace:
+        """A lockspace whose directory is known to exist (the hand-over)."""
+        ls = self.lockspaces.get(key)
+        if ls is None:
+            ls = self.lockspaces[key] = LockSpace(key, key)
         return ls
 
     def new_lockspace(self, key: str) -> Optional[LockSpace]:
@@ -197,12 +168,10 @@ class Locks:
         if key in self.lockspaces:
             raise P.err_lockspace_exists(key)
         try:
-            self._make_dir(key)
+            leasefile.make_dir(key)
         except RPCError:
             return None   # libvirt replies success but adds no lockspace
-        ls = LockSpace(key, key)
-        self.lockspaces[key] = ls
-        self.listener.lockspace_added(ls)
+        ls = self.lockspaces[key] = LockSpace(key, key)
         return ls
 
     # -- resources ----------------------------------------------------------
@@ -223,73 +192,55 @@ class Locks:
 
     def create_resource(self, ls: LockSpace, name: str) -> None:
         path, exists = self._unheld_path(ls, name)
-        if exists:
-            return  # libvirt's "touch" of an existing file changes nothing
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise P.err_touch(path, e) from None
-        os.close(fd)
+        if not exists:
+            leasefile.touch(path)   # libvirt's "touch" of an existing file changes nothing
 
     def delete_resource(self, ls: LockSpace, name: str) -> None:
-        path = self._unheld_path(ls, name)[0]
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise P.err_system("Unable to delete lockspace resource %s" % path, e) from None
+        leasefile.delete(self._unheld_path(ls, name)[0])
 
     def acquire(self, ls: LockSpace, name: str, owner: int, flags: int,
                 when: Optional[float] = None) -> Resource:
+        """Take the lease ``name`` for ``owner``: **this is where a lease is taken**.
+
+        A resource already held shared gains one more owner entry; otherwise
+        the file is opened and locked (``F_OFD_SETLK`` on byte 0). Raises the
+        libvirt error to reply with. The new entry is the last of ``res.owners``.
+        """
         res = ls.resources.get(name)
         if res is not None:
             if res.flags & SHARED and flags & SHARED:
                 self.add_owner(res, owner, when)
-                self.listener.owner_added(res, owner)
                 return res
             raise P.err_busy(name)
 
         path = name if ls.directory is None else ls.directory + "/" + name
-        kind = F_RDLCK if flags & SHARED else F_WRLCK
-        if flags & AUTOCREATE:
-            fd, st = self._open_autocreate(path, name, kind, flags)
-        else:
-            if self.lock_type != "ofd":
-                # POSIX locks: opening and closing an alias of a held file would
-                # drop our lock on it, so check before open(); OFD locks do not
-                # care and the check after open() below is enough
-                self._check_alias_by_path(path, name, flags)
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
-            except OSError as e:
-                raise P.err_system("Unable to open resource %s" % path, e) from None
-            try:
-                st = os.fstat(fd)
-                self._check_alias(st, name, flags)
-                self._lock(fd, kind, name, path)
-            except BaseException:
-                os.close(fd)
-                raise
-
+        if self.lock_type != "ofd" and not flags & AUTOCREATE:
+            # POSIX locks: opening and closing an alias of a held file would
+            # drop our lock on it, so check before open(); OFD locks do not
+            # care and the check after open() is enough
+            self._check_alias_by_path(path, name, flags)
+        fd, st = leasefile.open_locked(path, name, F_RDLCK if flags & SHARED else F_WRLCK, flags,
+                                       self.lock_type, lambda st: self._check_alias(st, name, flags))
         res = Resource(ls, name, path, fd, flags, st.st_dev, st.st_ino)
+        self._index(res)
         self.add_owner(res, owner, when)
-        ls.resources[name] = res
-        self.by_inode.setdefault((res.dev, res.ino), []).append(res)
-        self.listener.resource_added(res, owner)
         return res
 
-    def adopt(self, ls: LockSpace, name: str, path: str, fd: int, flags: int,
-              owners: List[Tuple[int, float]]) -> Resource:
-        """Take over an fd that already holds the lock (re-exec, fd store)."""
-        st = os.fstat(fd)
-        kind = fcntl.F_RDLCK if flags & SHARED else fcntl.F_WRLCK
-        set_lock(fd, kind, self.lock_type)   # a no-op for an OFD we already own
-        res = Resource(ls, name, path, fd, flags, st.st_dev, st.st_ino)
+    def restore(self, ls: LockSpace, name: str, path: str, fd: int, flags: int,
+                owners: List[Tuple[int, float]], dev: Optional[int] = None,
+                ino: Optional[int] = None) -> Resource:
+        """Put back a lease whose fd already holds the lock: after a live
+        re-exec (same process, same open file description: pass ``dev``/``ino``
+        and nothing is touched), or from systemd's fd store (the lock is
+        re-asserted, a no-op for an OFD lock we already own)."""
+        if dev is None or ino is None:
+            st = os.fstat(fd)
+            dev, ino = st.st_dev, st.st_ino
+            set_lock(fd, F_RDLCK if flags & SHARED else F_WRLCK, self.lock_type)
+        res = Resource(ls, name, path, fd, flags, dev, ino)
+        self._index(res)
         for pid, since in owners:
             self.add_owner(res, pid, since)
-        ls.resources[name] = res
-        self.by_inode.setdefault((res.dev, res.ino), []).append(res)
         return res
 
     def _check_alias_by_path(self, path: str, name: str, flags: int) -> None:
@@ -309,112 +260,40 @@ class Locks:
             return  # shared beside shared through another name is fine
         raise P.err_busy(name)
 
-    def _lock(self, fd: int, kind: int, name: str, path: str) -> None:
-        try:
-            set_lock(fd, kind, self.lock_type)
-        except OSError as e:
-            if e.errno in (errno.EACCES, errno.EAGAIN):
-                raise P.err_busy(name) from None
-            raise P.err_system("Unable to acquire lock on '%s'" % path, e) from None
-
-    def _open_autocreate(self, path: str, name: str, kind: int, flags: int):
-        while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY, 0o600)
-            except OSError as e:
-                raise P.err_system("Unable to open/create resource %s" % path, e) from None
-            try:
-                try:
-                    b = os.fstat(fd)
-                except OSError as e:
-                    raise P.err_system("Unable to check status of pid file '%s'" % path, e) from None
-                self._check_alias(b, name, flags)
-                self._lock(fd, kind, name, path)
-                try:
-                    a = os.stat(path)
-                except OSError:
-                    os.close(fd)
-                    continue  # deleted under us by the previous holder: retry
-                if a.st_dev == b.st_dev and a.st_ino == b.st_ino:
-                    return fd, b
-                os.close(fd)  # replaced under us: retry on the new file
-            except BaseException:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-                raise
-
-    def release(self, ls: LockSpace, name: str, owner: int) -> None:
+    def release(self, ls: LockSpace, name: str, owner: int) -> Resource:
+        """Drop one entry of ``owner``; the resource is closed (``fd == -1``)
+        when it was the last."""
         res = ls.resources.get(name)
         if res is None:
             raise P.err_not_locked(name)
-        try:
-            i = res.owners.index(owner)
-        except ValueError:
-            raise P.err_not_owner(owner) from None
-        del res.owners[i]
         if owner not in res.owners:
-            res.since.pop(owner, None)
-            self._unindex_owner(res, owner)
-        self.listener.owner_removed(res, owner, 1)
+            raise P.err_not_owner(owner)
+        self._remove_owner(res, owner, every=False)
         if not res.owners:
             self._destroy(res)
+        return res
 
     def release_owner(self, owner: int) -> List[Resource]:
         """Drop every entry of ``owner`` everywhere (libvirt drops only one per
         resource, which leaves a twice-acquired shared lease stuck)."""
-        touched = list(self.by_owner.pop(owner, ()))
+        touched = list(self.by_owner.get(owner, ()))
         for res in touched:
-            before = len(res.owners)
-            res.owners = [p for p in res.owners if p != owner]
-            res.since.pop(owner, None)
-            self.listener.owner_removed(res, owner, before - len(res.owners))
+            self._remove_owner(res, owner, every=True)
             if not res.owners:
                 self._destroy(res)
         return touched
 
-    def remove_resource(self, res: Resource) -> None:
-        """Drop a lease whatever its owners (admin release)."""
-        for owner in list(dict.fromkeys(res.owners)):
-            before = len(res.owners)
-            res.owners = [p for p in res.owners if p != owner]
-            res.since.pop(owner, None)
-            self._unindex_owner(res, owner)
-            self.listener.owner_removed(res, owner, before - len(res.owners))
+    def remove_resource(self, res: Resource) -> List[int]:
+        """Drop a lease whatever its owners (admin release); returns them."""
+        owners = list(dict.fromkeys(res.owners))
+        for owner in owners:
+            self._remove_owner(res, owner, every=True)
         self._destroy(res)
+        return owners
 
     def _destroy(self, res: Resource) -> None:
-        ls = res.lockspace
-        if ls.resources.get(res.name) is res:
-            del ls.resources[res.name]
-        peers = self.by_inode.get((res.dev, res.ino))
-        if peers is not None:
-            peers.remove(res)
-            if not peers:
-                del self.by_inode[(res.dev, res.ino)]
-        if res.flags & AUTOCREATE:
-            delete = True
-            if res.flags & SHARED:
-                # only delete when nobody else (another host) shares it
-                try:
-                    set_lock(res.fd, fcntl.F_WRLCK, self.lock_type)
-                except OSError:
-                    delete = False
-            if delete:
-                try:
-                    os.unlink(res.path)
-                except OSError:
-                    pass
-        # Unlock explicitly: a copy of this open file description may live on
-        # elsewhere (systemd's fd store until it processes FDSTOREREMOVE), and
-        # with OFD locks that copy would keep the lock after our close().
-        try:
-            set_lock(res.fd, fcntl.F_UNLCK, self.lock_type)
-        except OSError:
-            pass
-        self.listener.resource_removed(res)
-        os.close(res.fd)
+        self._unindex(res)
+        leasefile.discard(res.fd, res.path, res.flags, self.lock_type)
         res.fd = -1
 
     # -- queries --------------------------------------------------------------
@@ -426,6 +305,3 @@ class Locks:
     def count(self) -> int:
         """Number of held resources."""
         return sum(len(ls.resources) for ls in self.lockspaces.values())
-
-    def owners_of(self, owner: int) -> List[Resource]:
-        return list(self.by_owner.get(owner, ()))

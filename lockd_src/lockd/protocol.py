@@ -65,6 +65,8 @@ ADMIN_FD_NAME = "virtlockd-admin.socket"
 
 @dataclass
 class Owner:
+    """A lock owner as REGISTER describes it: the domain and its QEMU pid."""
+
     uuid: bytes
     name: str
     id: int
@@ -72,6 +74,8 @@ class Owner:
 
 
 class ResourceArgs(NamedTuple):
+    """The arguments of every resource procedure."""
+
     path: str
     name: str
     flags: int

@@ -74,7 +74,9 @@ TEMPLATES = {
 }
 
 HEADER = struct.Struct(">IIIiiIi")   # length, prog, vers, proc, type, serial, status
-_LEN = struct.Struct(">I")
+HEADER_SIZE = HEADER.size           # 28: the length word plus the 24-byte header
+LEN = struct.Struct(">I")
+FRAME_MAX = MESSAGE_MAX + MESSAGE_LEN_MAX
 
 
 class FrameError(Exception):
@@ -83,6 +85,8 @@ class FrameError(Exception):
 
 @dataclass
 class Header:
+    """The six header fields after the length word."""
+
     prog: int
     vers: int
     proc: int
@@ -152,7 +156,19 @@ def rpc_error(detail: str) -> RPCError:
 
 def encode_frame(prog: int, vers: int, proc: int, mtype: int, serial: int, status: int,
                  payload: bytes = b"") -> bytes:
-    return HEADER.pack(28 + len(payload), prog, vers, proc, mtype, serial, status) + payload
+    return HEADER.pack(HEADER_SIZE + len(payload), prog, vers, proc, mtype, serial, status) + payload
+
+
+# -- replies: the request path builds every reply with these two ----------------
+
+def reply_ok_frame(prog: int, vers: int, proc: int, serial: int) -> bytes:
+    """A REPLY with status OK and no payload (every lock procedure returns void)."""
+    return HEADER.pack(HEADER_SIZE, prog, vers, proc, REPLY, serial, OK)
+
+
+def reply_error_frame(prog: int, vers: int, proc: int, serial: int, err: RPCError) -> bytes:
+    body = err.encode()
+    return HEADER.pack(HEADER_SIZE + len(body), prog, vers, proc, REPLY, serial, ERROR) + body
 
 
 def reply_ok(h: Header, payload: bytes = b"") -> bytes:
@@ -160,33 +176,29 @@ def reply_ok(h: Header, payload: bytes = b"") -> bytes:
 
 
 def reply_error(h: Header, err: RPCError) -> bytes:
-    return encode_frame(h.prog, h.vers, h.proc, REPLY, h.serial, ERROR, err.encode())
+    return reply_error_frame(h.prog, h.vers, h.proc, h.serial, err)
 
 
-def frame_length(buf: bytes) -> int:
-    """Total frame length from the 4-byte length word, validated like libvirt."""
-    n = _LEN.unpack_from(buf, 0)[0]
+# -- framing: the request path and the clients use these -------------------------
+
+def frame_length(buf, pos: int = 0) -> int:
+    """Total frame length from the length word at ``pos``, validated like libvirt
+    (``virNetMessageDecodeLength``); a bad one means the stream is lost."""
+    n = LEN.unpack_from(buf, pos)[0]
     if n < MESSAGE_LEN_MAX:
         raise FrameError("packet %d bytes received from server too small, want %d" % (n, MESSAGE_LEN_MAX))
-    if n - MESSAGE_LEN_MAX > MESSAGE_MAX:
+    if n > FRAME_MAX:
         raise FrameError("packet %d bytes received from server too large, want %d" % (n, MESSAGE_MAX))
     return n
 
 
-def decode_header(frame: bytes) -> Header:
-    if len(frame) < 28:
+def header_at(buf, pos: int, n: int):
+    """``(prog, vers, proc, type, serial, status)`` of the whole frame of ``n``
+    bytes at ``pos`` (``virNetMessageDecodeHeader``)."""
+    if n < HEADER_SIZE:
         raise FrameError("Unable to decode message header")
-    prog, vers, proc, mtype, serial, status = HEADER.unpack_from(frame, 0)[1:]
-    return Header(prog, vers, proc, mtype, serial, status)
+    return HEADER.unpack_from(buf, pos)[1:]
 
 
-def split_frames(buf: bytes):
-    """Yield complete frames from ``buf``; return the unconsumed tail via StopIteration."""
-    pos = 0
-    while len(buf) - pos >= 4:
-        n = frame_length(buf[pos:pos + 4])
-        if len(buf) - pos < n:
-            break
-        yield buf[pos:pos + n]
-        pos += n
-    return buf[pos:]
+def decode_header(frame: bytes) -> Header:
+    return Header(*header_at(frame, 0, len(frame)))

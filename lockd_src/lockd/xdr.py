@@ -24,6 +24,8 @@ def pad4(n: int) -> int:
 
 
 class Decoder:
+    """Reads XDR values from ``buf[pos:end]``, advancing ``pos``."""
+
     __slots__ = ("buf", "pos", "end")
 
     def __init__(self, buf: bytes, pos: int = 0, end: int | None = None) -> None:

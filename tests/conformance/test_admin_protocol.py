@@ -1,9 +1,9 @@
-"""Admin protocol conformance (docs/admin-protocol.md), run with BOTH clients.
+"""Admin protocol conformance (docs/admin-protocol.md) against a real daemon.
 
-`lockd.admin.AdminClient` (the daemon package's reference client) and
-`plugins/module_utils/_lockd_admin.AdminClient` (the Ansible modules' client,
-which may not import lockd) must behave the same against a real daemon:
-same results, same error codes.
+There is ONE admin client: `plugins/module_utils/_lockd_admin.py` is the
+source (the Ansible modules cannot import lockd) and the daemon package ships
+a byte-identical copy, `lockd/adminclient.py` (virtlockctl uses it). Both are
+run here: the module_utils file as the modules load it, and the installed copy.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import lockd.admin
+import lockd.adminclient
 from lockd.client import LockClient
 from testbed.daemons import C_VIRTLOCKD, fake_pid, stand_in_owner, start_daemon
 
@@ -37,9 +37,16 @@ def _module_utils_client():
 
 MU = _module_utils_client()
 CLIENTS = {
-    "lockd.admin": (lockd.admin.AdminClient, lockd.admin.AdminError),
+    "lockd.adminclient": (lockd.adminclient.AdminClient, lockd.adminclient.AdminError),
     "module_utils": (MU.AdminClient, MU.AdminError),
 }
+
+
+def test_lockd_ships_a_byte_identical_copy_of_the_admin_client():
+    source = (REPO / "plugins/module_utils/_lockd_admin.py").read_bytes()
+    copy = (REPO / "lockd_src/lockd/adminclient.py").read_bytes()
+    assert copy == source, ("lockd_src/lockd/adminclient.py differs from its source: "
+                            "cp plugins/module_utils/_lockd_admin.py lockd_src/lockd/adminclient.py")
 
 
 def test_module_utils_client_does_not_import_lockd():

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from lockd.admin import AdminClient
+from lockd.adminclient import AdminClient
 from lockd.client import LockClient
 from testbed.daemons import fake_pid, start_daemon  # noqa: F401  (fake_pid: re-exported for the tests)
 from tests.unit.test_lockspace import probe_lock  # noqa: F401  (shared with the daemon tests)

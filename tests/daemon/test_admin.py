@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lockd.admin import AdminError
+from lockd.adminclient import AdminError
 from lockd.client import LockError
 from testbed.daemons import fake_pid
 

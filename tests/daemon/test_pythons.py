@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lockd.admin import AdminClient
+from lockd.adminclient import AdminClient
 from lockd.client import LockClient, LockError
 from testbed.daemons import fake_pid, start_daemon
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from lockd.admin import AdminClient
+from lockd.adminclient import AdminClient
 from testbed.libvirt import ADMIN_SOCK, EXTRA, LEASE_DIR, UUIDS, lease_name
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]

@@ -59,4 +59,4 @@ def test_second_instance_refused_by_pid_file(tmp_path):
 def test_ctl_reports_missing_daemon(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lockd.ctl", "-s", str(tmp_path / "nosock"), "status"],
                        capture_output=True, text=True, timeout=30)
-    assert r.returncode == 2 and "no-daemon" in r.stderr and "is virtlockd running" in r.stderr
+    assert r.returncode == 2 and "no-daemon" in r.stderr and "systemctl start virtlockd-admin.socket" in r.stderr

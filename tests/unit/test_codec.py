@@ -84,7 +84,7 @@ def test_acquire_vector_and_replies():
 def test_keepalive_vectors():
     ping = rpc.encode_frame(rpc.KEEPALIVE_PROGRAM, 1, rpc.KEEPALIVE_PING, rpc.MESSAGE, 0, rpc.OK)
     assert ping == h("0000001c 6b656570 00000001 00000001 00000002 00000000 00000000")
-    from lockd.server import PONG
+    from lockd.program import _PONG as PONG
     assert PONG == h("0000001c 6b656570 00000001 00000002 00000002 00000000 00000000")
 
 

@@ -1,6 +1,6 @@
 """Fuzz the frame decoder and dispatcher: mutated real frames and random bytes.
 
-The inputs go through the daemon's own read path (`Server._process`) on a real
+The inputs go through the daemon's own read path (`LockConn.process`) on a real
 socketpair. The lockspace layer is replaced by an in-memory stand-in so that
 random paths never touch the file system; everything above it (framing,
 header checks, XDR decoding, procedure dispatch, replies) is the real code.
@@ -12,9 +12,11 @@ import random
 import socket
 
 from lockd import protocol as P
-from lockd import rpc
-from lockd.lockspace import Locks, LockSpace
+from lockd.lockspace import Locks, LockSpace, Resource
+from lockd.loop import EventLoop
+from lockd.program import LockProgram
 from lockd.server import LockConn, Server
+from lockd.state import DaemonState, Recorder
 from lockd.systemd import Notifier
 
 from .test_codec import FRAMES
@@ -44,12 +46,15 @@ class MemLocks(Locks):
     def acquire(self, ls, name, owner, flags, when=None):
         if name in ls.resources:
             raise P.err_busy(name)
-        ls.resources[name] = owner
-        return None
+        res = ls.resources[name] = Resource(ls, name, name, -1, flags, 0, 0)
+        self.add_owner(res, owner, when)
+        return res
 
     def release(self, ls, name, owner):
-        if ls.resources.pop(name, None) is None:
+        res = ls.resources.pop(name, None)
+        if res is None:
             raise P.err_not_locked(name)
+        return res
 
     def release_owner(self, owner):
         return []
@@ -89,21 +94,21 @@ def mutate(rng: random.Random, frame: bytes) -> bytes:
 def test_fuzz_read_path_never_raises():
     rng = random.Random(20261126)
     calls = [f for d, _, f in FRAMES if d == "C->S"]
-    server = Server({"max_clients": 10, "admin_max_clients": 10}, MemLocks("ofd"), Notifier(""), None)
+    state = DaemonState({"max_clients": 10, "admin_max_clients": 10}, MemLocks("ofd"),
+                        Recorder(None, Notifier(""), False), EventLoop())
+    server = Server(state, LockProgram(state))
     served = dropped = 0
-    for i in range(N_INPUTS):
+    for _ in range(N_INPUTS):
         a, b = socket.socketpair()
         a.setblocking(False)
-        conn = LockConn(a, i, 4000000, 0)     # peer pid that is never an owner we would kill
-        server.clients[conn.fd] = conn
-        server.add_handler(conn.fd, 1, server._on_client)
-        data = b"".join(mutate(rng, rng.choice(calls)) for _ in range(rng.randint(1, 4)))
-        server._process(conn, data)           # must not raise
+        conn = LockConn(server, a, 4000000, 0).start()   # a peer pid that is never an owner we would kill
+        conn.rbuf += b"".join(mutate(rng, rng.choice(calls)) for _ in range(rng.randint(1, 4)))
+        conn.process()                        # must not raise
         if conn.fd < 0:
             dropped += 1
         else:
             served += 1
-            server.drop(conn)
+            conn.close()
         b.close()
     assert served + dropped == N_INPUTS
     assert served > N_INPUTS // 10 and dropped > N_INPUTS // 10   # both outcomes were exercised
