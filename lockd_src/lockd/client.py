@@ -7,14 +7,11 @@ one connection; serial numbers start at 0 per connection, as in libvirt.
 from __future__ import annotations
 
 import socket
-import struct
 import uuid as uuidlib
 from typing import Optional, Union
 
 from . import protocol as P
-from . import rpc
-
-_LEN = struct.Struct(">I")
+from . import rpc, xdr
 
 
 class LockError(Exception):
@@ -65,7 +62,7 @@ class LockClient:
         """One whole frame, or b"" if the daemon closed the connection."""
         while True:
             if len(self.buf) >= 4:
-                n = _LEN.unpack_from(self.buf, 0)[0]
+                n = rpc.frame_length(self.buf)
                 if len(self.buf) >= n:
                     frame, self.buf = self.buf[:n], self.buf[n:]
                     return frame
@@ -99,11 +96,9 @@ class LockClient:
         self.call(P.PROC_REGISTER, P.encode_register(P.Owner(_uuid_bytes(uuid), name, id, pid), flags))
 
     def restrict(self, flags: int = 0) -> None:
-        from . import xdr
         self.call(P.PROC_RESTRICT, xdr.u32(flags))
 
     def new_lockspace(self, path: str, flags: int = 0) -> None:
-        from . import xdr
         self.call(P.PROC_NEW, xdr.string(path) + xdr.u32(flags))
 
     def create_resource(self, lockspace: str, name: str, flags: int = 0) -> None:
@@ -119,7 +114,6 @@ class LockClient:
         self.call(P.PROC_RELEASE_RESOURCE, P.encode_resource(lockspace, name, flags))
 
     def create_lockspace(self, path: str) -> None:
-        from . import xdr
         self.call(P.PROC_CREATE_LOCKSPACE, xdr.string(path))
 
     def ping(self) -> bool:

@@ -6,6 +6,7 @@ frame. Error helpers reproduce virtlockd's exact tuples (spec section 3).
 """
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -200,13 +201,11 @@ def err_not_dir(path: str) -> rpc.RPCError:
 
 
 def err_system(text: str, exc: OSError) -> rpc.RPCError:
-    import os
     return rpc.system_error(rpc.FROM_LOCKSPACE, text, exc.errno or 0, os.strerror(exc.errno or 0))
 
 
 def err_touch(path: str, exc: OSError) -> rpc.RPCError:
     # raised by virFileTouch in virfile.c, whose error domain is VIR_FROM_NONE
-    import os
     return rpc.system_error(0, "cannot create file '%s'" % path, exc.errno or 0, os.strerror(exc.errno or 0))
 
 
