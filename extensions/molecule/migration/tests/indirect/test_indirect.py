@@ -1,0 +1,11 @@
+"""Live migration in indirect mode: lease files in the shared file lockspace."""
+import legs
+import pytest
+from legs import *  # noqa: F401,F403  (the checks, collected here)
+
+testinfra_hosts = ["ansible://hv1"]
+
+
+@pytest.fixture(scope="module")
+def lease():
+    return legs.INDIRECT
