@@ -45,27 +45,6 @@ ROW_WINDOW = (f"Live migration hv1 → hv2 → hv1, {2 * ROUND_TRIPS} times (two
 ROW_RACER = ("A third VM on the disk (started paused on the source) is resumed the instant the disk goes free "
              "during a migration")
 ROW_SIGKILL = "SIGKILL of the source host's lock daemon in the middle of a migration (systemd restarts it)"
-DOMAIN = """<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
-  <name>{name}</name>
-  <uuid>{uuid}</uuid>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source file='{disk}'/>
-      <target dev='vdb' bus='virtio'/>
-      <alias name='ua-extra'/>
-    </disk>
-    <memballoon model='none'/>
-  </devices>
-  <qemu:override><qemu:device alias='ua-extra'><qemu:frontend>
-    <qemu:property name='share-rw' type='bool' value='true'/>
-  </qemu:frontend></qemu:device></qemu:override>
-</domain>
-"""
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +68,11 @@ def pair(tmp_path_factory, pytestconfig):
 
 
 def define(c, host: str, name: str, uuid: str) -> None:
-    xml = DOMAIN.format(name=name, uuid=uuid, disk=hostlib.EXTRA)
+    """tests/systemd's tiny VM on the shared disk, with 64 MiB booting from it (the RAM-filling boot sector)."""
+    xml = hostlib.DOMAIN.format(type="qemu", name=name, uuid=uuid, disk=hostlib.EXTRA, extra="")
+    xml = xml.replace("<memory unit='MiB'>32</memory>", "<memory unit='MiB'>64</memory>")
+    xml = xml.replace("hvm</type>", "hvm</type><boot dev='hd'/>")
+    assert "64</memory>" in xml and "<boot dev='hd'/>" in xml, xml
     c.exec(host, f"cat > /tmp/{name}.xml && virsh -q define /tmp/{name}.xml", input=xml)
 
 
