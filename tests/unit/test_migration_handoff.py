@@ -1,4 +1,4 @@
-"""The kernel facts behind the proposed migration handover (docs/design.md,
+"""The kernel facts behind the proposed migration hand-off (docs/design.md,
 section 7), tested on real OFD locks: the source daemon keeps its lease
 *shared* from the source's pause until its QEMU exits, marked with a beacon
 lock that names the VM; the destination daemon, refused the exclusive lock,
@@ -77,7 +77,7 @@ def getlk(fd: int, start: int = 0, length: int = 1) -> tuple[int, int]:
 
 # -- the protocol steps (what each daemon would do) ------------------------
 
-def begin_handover(fd: int, uuid: bytes) -> None:
+def begin_handoff(fd: int, uuid: bytes) -> None:
     """Source, on RELEASE while the owner (paused QEMU) lives: exclusive ->
     shared in place (never unlocked), then the beacon naming the VM."""
     assert setlk(fd, fcntl.F_RDLCK)
@@ -86,7 +86,7 @@ def begin_handover(fd: int, uuid: bytes) -> None:
 
 def take_over(fd: int, uuid: bytes) -> bool:
     """Destination, on ACQUIRE refused with EAGAIN: join the shared lock only
-    if the holder is our own VM's handover (its beacon is held)."""
+    if the holder is our own VM's hand-off (its beacon is held)."""
     if getlk(fd, beacon(uuid))[0] == fcntl.F_UNLCK:
         return False                      # someone else's lease: resource busy
     if not setlk(fd, fcntl.F_RDLCK):
@@ -96,8 +96,8 @@ def take_over(fd: int, uuid: bytes) -> bool:
     return True
 
 
-def end_handover(fd: int) -> bool:
-    """Source, when its QEMU exits (or the handover times out). Returns whether
+def end_handoff(fd: int) -> bool:
+    """Source, when its QEMU exits (or the hand-off times out). Returns whether
     the lease file may be deleted (indirect mode): only if nobody shares it."""
     alone = setlk(fd, fcntl.F_WRLCK)
     fcntl.fcntl(fd, F_OFD_SETLK, FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))  # byte 0 and beacon
@@ -146,8 +146,8 @@ def test_a_beacon_far_beyond_the_file_names_the_vm(disk):
     src, other = open_fd(), open_fd()
     assert setlk(src, fcntl.F_WRLCK)
     assert getlk(other, BEACON_BASE, BEACON_SPAN)[0] == fcntl.F_UNLCK
-    begin_handover(src, VM1)
-    # One query over the whole beacon range finds the handover and which VM it is for.
+    begin_handoff(src, VM1)
+    # One query over the whole beacon range finds the hand-off and which VM it is for.
     kind, start = getlk(other, BEACON_BASE, BEACON_SPAN)
     assert (kind, start) == (fcntl.F_RDLCK, beacon(VM1))
     assert getlk(other, beacon(VM3))[0] == fcntl.F_UNLCK
@@ -168,7 +168,7 @@ def test_conversions_never_leave_the_byte_free(disk):
     assert shared + exclusive > 1000, "the prober hardly ran"
 
 
-def test_handover_between_two_daemons_has_no_free_instant(disk):
+def test_handoff_between_two_daemons_has_no_free_instant(disk):
     """Ping-pong migrations: each round the destination becomes the next source."""
     path, open_fd = disk
     holder = open_fd()
@@ -176,22 +176,22 @@ def test_handover_between_two_daemons_has_no_free_instant(disk):
     third = open_fd()
     prober = Prober(path)
     for _ in range(300):
-        begin_handover(holder, VM1)                    # source pauses: RELEASE
+        begin_handoff(holder, VM1)                    # source pauses: RELEASE
         assert not setlk(third, fcntl.F_WRLCK)         # a third writer is refused...
         assert not take_over(third, VM3)               # ...and is not VM1: no takeover either
         dest = open_fd()
         assert not setlk(dest, fcntl.F_WRLCK)          # destination resumes: ACQUIRE refused...
-        assert take_over(dest, VM1)                    # ...but it is VM1's own handover
+        assert take_over(dest, VM1)                    # ...but it is VM1's own hand-off
         assert not setlk(third, fcntl.F_WRLCK)
         assert not complete_takeover(dest)             # the source still shares
-        assert not end_handover(holder)                # source QEMU exits: keep the lease file
+        assert not end_handoff(holder)                # source QEMU exits: keep the lease file
         os.close(holder)
         assert complete_takeover(dest)
         assert not setlk(third, fcntl.F_WRLCK)
         holder = dest
     free, shared, exclusive = prober.stop()
     print(f"prober: {free} free, {shared} shared, {exclusive} exclusive observations")
-    assert free == 0, f"byte 0 was seen unlocked {free} times during 300 handovers"
+    assert free == 0, f"byte 0 was seen unlocked {free} times during 300 hand-offs"
     assert shared > 0 and exclusive > 0, (free, shared, exclusive)
 
 
@@ -208,25 +208,25 @@ def test_the_prober_sees_a_release_then_acquire_gap(disk):
         holder = open_fd()
         assert setlk(holder, fcntl.F_WRLCK)
     free, _shared, _exclusive = prober.stop()
-    assert free > 0, "the prober missed 20 gaps of 2 ms: the handover tests above would prove nothing"
+    assert free > 0, "the prober missed 20 gaps of 2 ms: the hand-off tests above would prove nothing"
 
 
 def test_failed_migration_the_source_takes_its_lease_back(disk):
     path, open_fd = disk
     src, dest = open_fd(), open_fd()
     assert setlk(src, fcntl.F_WRLCK)
-    begin_handover(src, VM1)
+    begin_handoff(src, VM1)
     # The destination QEMU died before its ACQUIRE: the source resumes (ACQUIRE by the same owner).
     assert setlk(src, fcntl.F_WRLCK)
     fcntl.fcntl(src, F_OFD_SETLK, FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, beacon(VM1), 1, 0))
     assert getlk(dest, BEACON_BASE, BEACON_SPAN)[0] == fcntl.F_UNLCK
-    assert not take_over(dest, VM1), "no handover in progress any more: plain resource busy"
+    assert not take_over(dest, VM1), "no hand-off in progress any more: plain resource busy"
 
 
 def test_once_the_destination_runs_the_source_cannot_resume(disk):
     path, open_fd = disk
     src, dest = open_fd(), open_fd()
     assert setlk(src, fcntl.F_WRLCK)
-    begin_handover(src, VM1)
+    begin_handoff(src, VM1)
     assert take_over(dest, VM1)
     assert not setlk(src, fcntl.F_WRLCK), "the source resumed beside a running destination"
