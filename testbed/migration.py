@@ -338,7 +338,9 @@ def migrate(vm: str, dest: str, watch: str, speed: int = 0, fault: str = "", rac
     watcher.stop()
     qemu_gone = qemu.stop()
     if speed:
-        on(None, f"virsh migrate-setspeed {vm} 8796093022207")  # back to libvirt's "unlimited"
+        # Back to libvirt's "unlimited", on whichever host the VM now runs.
+        for host in (None, dest):
+            on(host, f"virsh migrate-setspeed {vm} 8796093022207")
     result = {
         "vm": vm, "dest": dest, "rc": proc.returncode, "error": err.strip(), "seconds": round(took, 3),
         "started_at_ms": round((start - t0) * 1000, 2), "polls": watcher.polls,
