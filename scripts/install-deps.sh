@@ -29,6 +29,13 @@ APT_PACKAGES=(
     # systemd-nspawn hosts (tests/systemd, molecule)
     systemd-container
     mmdebstrap
+    # Molecule's podman driver (extensions/molecule/podman). runc, not crun:
+    # crun refuses this machine's hybrid cgroup layout; naming runc here makes
+    # apt satisfy podman's "crun | runc" with runc.
+    runc
+    podman
+    # actionlint (tests/collection/test_ci_template.py) checks the workflow's run: scripts with it
+    shellcheck
 )
 
 log() { printf '[install-deps] %s\n' "$*"; }

@@ -1,7 +1,9 @@
 """Run every Molecule scenario (``molecule test -s <name>``) as one pytest test.
 
-The scenarios live in ``extensions/molecule/<name>/`` and boot systemd-nspawn hosts
-through ``testbed/nspawn.py``. While a scenario runs, its steps
+The scenarios live in ``extensions/molecule/<name>/``: most boot systemd-nspawn
+hosts through ``testbed/nspawn.py``, ``podman`` runs Molecule's podman driver
+(its containers must not outlive the run, nor touch the machine's network
+settings: checked here). While a scenario runs, its steps
 (create, converge, idempotence, verify, destroy) and Ansible tasks are echoed
 to the terminal, prefixed with the scenario name. The full log goes to
 ``.cache/molecule-logs/<scenario>.log``; on failure its tail is in the report.
@@ -31,7 +33,11 @@ LOGS = REPO / ".cache" / "molecule-logs"
 SCENARIOS = sorted(p.parent.name for p in (REPO / "extensions" / "molecule").glob("*/molecule.yml"))
 # Lines worth echoing live: Molecule's step lines and Ansible's task/recap lines.
 PROGRESS = re.compile(r"(➜|^\s*│?\s*(TASK|PLAY|RUNNING HANDLER) \[|fatal:|FAILED|failed=[1-9]|"
-                      r"Idempotence|^\s*│?\s*\S+\s+: ok=|\b(PASSED|FAILED|ERROR)\b|\d+ (passed|failed))")
+                      r"Idempotence|^\s*│?\s*\S+\s+: ok=|\b(PASSED|FAILED|ERROR)\b|\d+ (passed|failed)|"
+                      r"^\[(podman-images|build-rootfs)\])")
+# Molecule 26 logs this for a collection with a root molecule/ directory.
+MIGRATE_WARNING = "should migrate"
+PODMAN = "podman"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 TIMEOUT = 900
 
@@ -48,29 +54,74 @@ class _Live:
             sys.stderr.flush()
 
 
+class _PodmanHost:
+    """What the podman scenario may change on this machine, before and after a run."""
+
+    def __init__(self, suffix: str):
+        self.suffix = suffix
+        self.before = self.snapshot()
+
+    @staticmethod
+    def snapshot() -> dict:
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        return {
+            "ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text().strip(),
+            "bridges": sorted(m for m in re.findall(r"^\d+: ([^:@]+)", links, re.M)
+                              if m.startswith(("cni-podman", "podman"))),
+        }
+
+    def ours(self) -> list[str]:
+        names = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"],
+                               capture_output=True, text=True).stdout.split()
+        return [n for n in names if n.endswith(self.suffix)]
+
+    def remove_ours(self) -> None:
+        for name in self.ours():
+            subprocess.run(["podman", "rm", "--force", "--time", "5", name], capture_output=True)
+
+    def assert_contained(self) -> None:
+        left = self.ours()
+        self.remove_ours()
+        assert not left, f"the podman scenario left containers behind: {left}"
+        assert self.snapshot() == self.before, (
+            f"the podman scenario changed the machine's network: {self.before} -> {self.snapshot()}")
+
+
+def _prerequisites(scenario: str, pytestconfig) -> None:
+    require_root()
+    if scenario == PODMAN:
+        require(shutil.which("podman"), "podman (scripts/install-deps.sh)")
+        # The images come from the nspawn rootfs tarballs (dependency.sh runs
+        # scripts/build-rootfs.sh; instant when cached).
+        return
+    require(shutil.which("systemd-nspawn"), "systemd-nspawn (scripts/install-deps.sh)")
+    prepare_rootfs(pytestconfig=pytestconfig)  # instant when cached; shows a cold build's progress
+
+
 @pytest.mark.systemd
 @pytest.mark.libvirt
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_molecule_scenario(scenario, pytestconfig, tmp_path_factory):
-    require_root()
     venv_bin = Path(sys.executable).parent
     molecule = shutil.which("molecule", path=f"{venv_bin}:{os.environ.get('PATH', '')}")
     require(molecule, "molecule (make venv, requirements/ansible.txt)")
-    require(shutil.which("systemd-nspawn"), "systemd-nspawn (scripts/install-deps.sh)")
+    _prerequisites(scenario, pytestconfig)
     _echo = _Live(pytestconfig)
-    prepare_rootfs(pytestconfig=pytestconfig)  # instant when cached; shows a cold build's progress
     LOGS.mkdir(parents=True, exist_ok=True)
     log_path = LOGS / f"{scenario}.log"
     env = dict(os.environ)
     env["PATH"] = f"{venv_bin}:{env.get('PATH', '')}"
     # A private ephemeral dir per run: Molecule's default one is keyed by the
     # project path only, so two test runs on one machine would destroy each
-    # other's hosts in their first `destroy` step.
+    # other's hosts in their first `destroy` step. Container names are global:
+    # a per-run suffix keeps two podman runs apart the same way.
     ephemeral = tmp_path_factory.mktemp(f"molecule-{scenario}")
     env["MOLECULE_EPHEMERAL_DIRECTORY"] = str(ephemeral)
+    env["LOCKD_PODMAN_SUFFIX"] = f"-{os.getpid()}"
     env.update(NO_COLOR="1", ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", PY_COLORS="0",
                MOLECULE_NO_LOG="false", PYTHONUNBUFFERED="1")
+    podman_host = _PodmanHost(env["LOCKD_PODMAN_SUFFIX"]) if scenario == PODMAN else None
     t0 = time.monotonic()
     _echo(f"\n[molecule {scenario}] molecule test -s {scenario} (log: {log_path.relative_to(REPO)})")
     tail: list[str] = []
@@ -92,8 +143,11 @@ def test_molecule_scenario(scenario, pytestconfig, tmp_path_factory):
                 proc.kill()
                 proc.wait()
                 # Molecule was killed mid-run: make sure its hosts do not outlive it.
-                subprocess.run([sys.executable, "-m", "testbed.nspawn", "destroy",
-                                str(ephemeral / "nspawn")], cwd=REPO)
+                if podman_host:
+                    podman_host.remove_ours()
+                else:
+                    subprocess.run([sys.executable, "-m", "testbed.nspawn", "destroy",
+                                    str(ephemeral / "nspawn")], cwd=REPO)
     took = time.monotonic() - t0
     _echo(f"[molecule {scenario}] {'passed' if rc == 0 else f'FAILED (exit {rc})'} in {took:.0f} s")
     assert rc == 0, (f"molecule test -s {scenario} failed (exit {rc}); full log {log_path}\n"
@@ -102,3 +156,7 @@ def test_molecule_scenario(scenario, pytestconfig, tmp_path_factory):
     text = log_path.read_text()
     assert "Skipping, no tests found" not in text, f"a verify step of {scenario} found no tests (see {log_path})"
     assert re.search(r"\d+ passed", text), f"no testinfra test ran in {scenario} (see {log_path})"
+    assert MIGRATE_WARNING not in text, f"Molecule warns about the layout in {scenario} (see {log_path})"
+    if podman_host:
+        podman_host.assert_contained()
+        assert "Trying to pull" not in text, f"the podman scenario pulled an image (see {log_path})"

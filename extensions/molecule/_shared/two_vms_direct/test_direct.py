@@ -1,4 +1,7 @@
-"""Direct mode: the disk image itself is the lock (after playbooks/smoke_test.yml)."""
+"""Direct mode: the disk image itself is the lock (after playbooks/smoke_test.yml).
+
+Shared by the scenarios two_vms_one_disk (nspawn) and podman: each runs
+../_shared/smoke.yml as a side effect, then `verify ../_shared/two_vms_direct`."""
 import lockcheck as lc
 
 BUSY = lc.busy_message(lc.EXTRA)

@@ -1,0 +1,8 @@
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import podman_exec  # noqa: E402  (found through the path above)
+
+podman_exec.install()
