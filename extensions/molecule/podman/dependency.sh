@@ -13,6 +13,7 @@
 #           --network none and needs no registry
 #   debian  docker.io/library/debian:<suite> from a registry, packages from
 #           Debian's mirror (a CI runner)
+#   existing  the images as they are (built earlier, or your own), never rebuilt
 #   auto    rootfs when PROJECT_DIR/scripts/build-rootfs.sh exists, else debian
 # An image whose labels match its source and Containerfile is kept as is.
 set -euo pipefail
@@ -34,7 +35,7 @@ if [[ $source == auto ]]; then
     source=debian
     [[ -x $project/scripts/build-rootfs.sh ]] && source=rootfs
 fi
-case $source in rootfs|debian) ;; *) die "LOCKD_PODMAN_IMAGE_SOURCE=$source: use rootfs, debian or auto" ;; esac
+case $source in rootfs|debian|existing) ;; *) die "LOCKD_PODMAN_IMAGE_SOURCE=$source: use auto, rootfs, debian or existing" ;; esac
 
 containerfile_key=$(sha256sum "$HERE/Containerfile" | cut -c1-12)
 
@@ -45,6 +46,11 @@ label_of() {  # image label -> value, empty when the image or label is absent
 build_image() {
     local suite=$1 image=localhost/lockd-virtlockd:$1 origin base tarball start=$SECONDS
     local -a build_args=()
+    if [[ $source == existing ]]; then
+        "$PODMAN" image exists "$image" || die "$image does not exist (LOCKD_PODMAN_IMAGE_SOURCE=existing)"
+        log "$image: as it is ($(label_of "$image" "$LABEL.origin"))"
+        return 0
+    fi
     if [[ $source == rootfs ]]; then
         # Instant when cached; progress on stderr, the tarball path on stdout.
         tarball=$("$project/scripts/build-rootfs.sh" "$suite" | tail -n1)
