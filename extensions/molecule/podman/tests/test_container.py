@@ -1,6 +1,6 @@
 """The podman containers are real hypervisor hosts: systemd as PID 1,
-libvirt + QEMU, the role's daemon serving (checked after converge +
-idempotence, before the two-VMs test)."""
+libvirt + QEMU, the role's daemon serving (run in the same verify step as
+../../_shared/two_vms_direct, after the smoke test)."""
 import os
 
 import lockcheck as lc
@@ -29,5 +29,5 @@ def test_libvirt_and_qemu_inside(host):
 def test_our_daemon_serves_the_lock_manager(host):
     assert host.service("virtlockd.socket").is_running
     assert host.file("/etc/libvirt/qemu.conf").contains('^lock_manager = "lockd"')
-    assert lc.ctl_leases(host) == []
+    assert isinstance(lc.ctl_leases(host), list)   # the admin socket answers
     assert lc.daemon_pid(host) > 0
