@@ -22,7 +22,15 @@ DEFAULTS: Dict[str, Any] = {
     "state_dir": "/run/virtlockd",
     "lock_type": "ofd",
     "max_clients_grace": 2,    # seconds a client over max_clients waits for a slot
+    # Storage on network filesystems (docs/design.md, "Hung storage" and "Fencing")
+    "io_timeout": 10,          # seconds a storage call may take before its request fails
+    "storage_workers": "network",   # calls in worker threads on: "network" filesystems, "all", "none"
+    "on_lockfailure": "poweroff",   # lease at risk or lost: "poweroff" (SIGKILL), "pause" (SIGSTOP), "ignore"
+    "nfs_lease_time": 90,      # the NFS server's lease time (seconds): after that it grants our locks elsewhere
 }
+
+STORAGE_WORKERS = ("network", "all", "none")
+ON_LOCKFAILURE = ("poweroff", "pause", "ignore")
 
 # Keys libvirt knows but the daemon ignores.
 IGNORED = {"log_buffer_size"}
@@ -30,6 +38,7 @@ IGNORED = {"log_buffer_size"}
 _TYPES = {
     "log_level": int, "max_clients": int, "admin_max_clients": int, "max_clients_grace": int,
     "log_filters": str, "log_outputs": str, "state_dir": str, "lock_type": str,
+    "io_timeout": int, "storage_workers": str, "on_lockfailure": str, "nfs_lease_time": int,
 }
 
 
@@ -146,4 +155,12 @@ def load(path: str | None, required: bool) -> Dict[str, Any]:
                           % (path, cfg["lock_type"]))
     if cfg["max_clients"] < 1:
         raise ConfigError("Can't load config file: %s: max_clients must be at least 1" % path)
+    for key, allowed in (("storage_workers", STORAGE_WORKERS), ("on_lockfailure", ON_LOCKFAILURE)):
+        if cfg[key] not in allowed:
+            hint = " (a lock daemon cannot restart a VM: use \"poweroff\")" if cfg[key] == "restart" else ""
+            raise ConfigError("Can't load config file: %s: %s must be one of %s, got %r%s"
+                              % (path, key, ", ".join('"%s"' % a for a in allowed), cfg[key], hint))
+    for key in ("io_timeout", "nfs_lease_time"):
+        if cfg[key] < 1:
+            raise ConfigError("Can't load config file: %s: %s must be at least 1 (seconds)" % (path, key))
     return cfg

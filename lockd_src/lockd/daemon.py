@@ -35,11 +35,13 @@ from .filelock import probe_lock_type
 from .journal import Journal
 from .lockspace import Locks
 from .logs import setup_logging
+from .offload import Offload
 from .loop import EventLoop
 from .program import LockProgram
 from .recovery import recover
 from .server import Server, bind_unix
 from .state import DaemonState, Recorder
+from .storage import Storage
 from .systemd import Notifier, listen_fds_with_names
 
 log = logging.getLogger("lockd")
@@ -274,6 +276,7 @@ class Daemon:
             journal.open()
             state.recorder.compact()
 
+        self._start_storage(state, server)
         self.loop.catch_signals(self.SIGNALS)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self.loop.on_signal = self.on_signal
@@ -292,6 +295,15 @@ class Daemon:
         self.notifier.ready("serving %d leases, %d clients" % (state.locks.count(), len(state.clients)))
         log.info("lockd %s serving (pid %d, %s locks%s)", __version__, os.getpid(), lock_type,
                  ", fd store" if fdstore else "")
+
+    def _start_storage(self, state: DaemonState, server: Server) -> None:
+        """Worker threads for network filesystems (docs/design.md, "Hung storage")."""
+        cfg = state.cfg
+        if cfg["storage_workers"] == "none":
+            return
+        state.storage = Storage(self.loop, state.locks, cfg["io_timeout"], cfg["storage_workers"])
+        server.program.offload = Offload(state, state.storage)
+        state.storage.adopt_held()
 
     def _state_dir(self, cfg: dict) -> str:
         if privileged() or (self.opts.config and cfg.get("state_dir") != cfgmod.DEFAULTS["state_dir"]):

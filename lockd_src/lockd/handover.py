@@ -165,11 +165,17 @@ def apply(state: DaemonState, server: Server, data: dict) -> None:
 def reexec(state: DaemonState, server: Server, pidfile_fd: Optional[int], path: str) -> None:
     """Exec a new image of the daemon in place. Returns only if that failed,
     with everything as it was: the running image serves on."""
+    if state.storage is not None and not state.storage.quiesce(1.0):
+        log.critical("re-exec refused: storage calls on %s have not answered; an exec now could hang in the "
+                     "kernel. Still serving with the running image; retry when the storage answers",
+                     ", ".join(state.storage.busy_mounts()))
+        return
     state.recorder.notifier.reloading()
     for a in list(state.admins.values()):
         a.close()
     state.owners.stop_all()
     for c in list(state.clients.values()):
+        c.settle_for_exec()       # requests waiting for storage: answered, or run again by the new image
         if c.wbuf:
             c.flush()             # what cannot be sent now is saved in the state
     t0 = time.monotonic()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from . import leasefile
 from . import protocol as P
@@ -91,6 +91,8 @@ class Locks:
         # owner pid -> its resources (ordered set): an owner's EOF costs O(its leases)
         self.by_owner: Dict[int, Dict[Resource, None]] = {}
         self.entries = 0         # (resource, owner) entries, repeats included
+        # how a lease file is given up: here, or queued on a storage worker (lockd.storage)
+        self.on_discard: Callable[[Resource], None] = self.discard_file
 
     # -- the indexes: every change of the table goes through these four -------
 
@@ -199,12 +201,14 @@ class Locks:
         leasefile.delete(self._unheld_path(ls, name)[0])
 
     def acquire(self, ls: LockSpace, name: str, owner: int, flags: int,
-                when: Optional[float] = None) -> Resource:
+                when: Optional[float] = None, opened: Optional[Tuple[int, os.stat_result]] = None) -> Resource:
         """Take the lease ``name`` for ``owner``: **this is where a lease is taken**.
 
         A resource already held shared gains one more owner entry; otherwise
-        the file is opened and locked (``F_OFD_SETLK`` on byte 0). Raises the
-        libvirt error to reply with. The new entry is the last of ``res.owners``.
+        the file is opened and locked (``F_OFD_SETLK`` on byte 0), or
+        ``opened`` is that file, opened and locked already by a storage worker.
+        Raises the libvirt error to reply with. The new entry is the last of
+        ``res.owners``.
         """
         res = ls.resources.get(name)
         if res is not None:
@@ -214,6 +218,8 @@ class Locks:
             raise P.err_busy(name)
 
         path = name if ls.directory is None else ls.directory + "/" + name
+        if opened is not None:
+            return self._add(ls, name, path, opened[0], flags, opened[1], owner, when)
         if self.lock_type != "ofd" and not flags & AUTOCREATE:
             # POSIX locks: opening and closing an alias of a held file would
             # drop our lock on it, so check before open(); OFD locks do not
@@ -221,6 +227,10 @@ class Locks:
             self._check_alias_by_path(path, name, flags)
         fd, st = leasefile.open_locked(path, name, F_RDLCK if flags & SHARED else F_WRLCK, flags,
                                        self.lock_type, lambda st: self._check_alias(st, name, flags))
+        return self._add(ls, name, path, fd, flags, st, owner, when)
+
+    def _add(self, ls: LockSpace, name: str, path: str, fd: int, flags: int, st: os.stat_result,
+             owner: int, when: Optional[float]) -> Resource:
         res = Resource(ls, name, path, fd, flags, st.st_dev, st.st_ino)
         self._index(res)
         self.add_owner(res, owner, when)
@@ -293,8 +303,12 @@ class Locks:
 
     def _destroy(self, res: Resource) -> None:
         self._unindex(res)
-        leasefile.discard(res.fd, res.path, res.flags, self.lock_type)
+        self.on_discard(res)
         res.fd = -1
+
+    def discard_file(self, res: Resource) -> None:
+        """Give the lease file up now (delete if autocreated, unlock, close)."""
+        leasefile.discard(res.fd, res.path, res.flags, self.lock_type)
 
     # -- queries --------------------------------------------------------------
 

@@ -10,6 +10,8 @@ raw frames (tests/unit/test_program.py). The wire behaviour is libvirt's
 Follow a lease from here: :meth:`LockProgram.acquire` ->
 :meth:`lockd.state.DaemonState.acquire` -> :meth:`lockd.lockspace.Locks.acquire`
 (``fcntl``) -> :meth:`lockd.state.Recorder.acquired` (journal, fd store).
+On a network filesystem a procedure returns a :class:`~lockd.deferred.Pending`
+from :mod:`lockd.offload` and its reply comes later.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ class LockProgram:
         self.state = state
         self.locks = state.locks
         self.owners = state.owners
+        # lockd.offload.Offload when storage calls may go to workers (set by the daemon)
+        self.offload = None
         # indexed by procedure number; 0 is a hole, as in lock_protocol.x
         self.procs = (None, self.register, self.restrict, self.new, self.create_resource,
                       self.delete_resource, self.acquire, self.release, self.create_lockspace)
@@ -75,13 +79,18 @@ class LockProgram:
                 return rpc.reply_error_frame(prog, vers, proc, serial, P.err_unknown_proc(proc))
             state = self.state
             t0 = perf_counter()
+            later = None
             try:
-                self.procs[proc](conn, buf, body, pos + n)
+                later = self.procs[proc](conn, buf, body, pos + n)
                 err = None
             except rpc.RPCError as e:
                 err = e
             except xdr.XDRError:
                 err = P.err_decode()
+            if later is not None:
+                # a storage call runs in a worker: the reply comes later (lockd.offload)
+                later.set_finish(lambda e: self._finish(prog, vers, proc, serial, t0, e))
+                return later
             state.latency.observe(perf_counter() - t0)
             state.requests[proc] += 1
             if err is None:
@@ -93,6 +102,18 @@ class LockProgram:
         if mtype == _CALL:
             return rpc.reply_error_frame(prog, vers, proc, serial, P.err_unknown_program(prog, vers))
         return None
+
+    def _finish(self, prog: int, vers: int, proc: int, serial: int, t0: float, err) -> bytes:
+        """The reply of a request answered later (a :class:`~lockd.deferred.Pending`)."""
+        state = self.state
+        state.latency.observe(perf_counter() - t0)
+        state.requests[proc] += 1
+        if err is None:
+            return rpc.reply_ok_frame(prog, vers, proc, serial)
+        state.request_errors += 1
+        if not isinstance(err, rpc.RPCError):
+            err = rpc.error(rpc.ERR_INTERNAL_ERROR, rpc.FROM_LOCKSPACE, str(err))
+        return rpc.reply_error_frame(prog, vers, proc, serial, err)
 
     # -- checks every procedure but REGISTER and CREATE_LOCKSPACE makes ----------
 
@@ -124,17 +145,29 @@ class LockProgram:
         if conn.own:
             self.owners.own_connection_opened(owner)
 
-    def acquire(self, conn, buf, pos: int, end: int) -> None:
+    def acquire(self, conn, buf, pos: int, end: int):
         path, name, flags = decode_resource_at(buf, pos, end)[0]
         owner = conn.owner
         if flags & ~_ACQUIRE_FLAGS or conn.restricted or owner is None:
             self._check(conn, P.PROC_ACQUIRE_RESOURCE, flags)
-        self.state.acquire(self.locks.get(path), name, self.owners.for_acquire(owner), flags)
+        ls = self.locks.get(path)
+        off = self.offload
+        if off is not None and (ls.directory or name.rpartition("/")[0] or "/") not in off.local_dirs:
+            return off.acquire(ls, name, self.owners.for_acquire(owner), flags)
+        self.state.acquire(ls, name, self.owners.for_acquire(owner), flags)
+        return None
 
-    def release(self, conn, buf, pos: int, end: int) -> None:
+    def release(self, conn, buf, pos: int, end: int):
         path, name, flags = decode_resource_at(buf, pos, end)[0]
         self._check(conn, P.PROC_RELEASE_RESOURCE, flags)
-        self.state.release(self.locks.get(path), name, conn.owner.pid)
+        ls = self.locks.get(path)
+        off = self.offload
+        if off is not None and off.network_devs:
+            res = ls.resources.get(name)
+            if res is not None and res.dev in off.network_devs:
+                return off.release(ls, name, conn.owner.pid)
+        self.state.release(ls, name, conn.owner.pid)
+        return None
 
     # -- the rest ----------------------------------------------------------------
 
@@ -142,23 +175,35 @@ class LockProgram:
         self._check(conn, P.PROC_RESTRICT, xdr.Decoder(buf, pos, end).u32())
         conn.restricted = True
 
-    def new(self, conn, buf, pos: int, end: int) -> None:
+    def new(self, conn, buf, pos: int, end: int):
         path, flags = P.decode_new(xdr.Decoder(buf, pos, end))
         self._check(conn, P.PROC_NEW, flags)
+        if self.offload is not None:
+            return self.offload.new_lockspace(path)
         self.state.new_lockspace(path)
+        return None
 
-    def create_resource(self, conn, buf, pos: int, end: int) -> None:
+    def create_resource(self, conn, buf, pos: int, end: int):
         path, name, flags = decode_resource_at(buf, pos, end)[0]
         self._check(conn, P.PROC_CREATE_RESOURCE, flags)
+        if self.offload is not None:
+            return self.offload.create_resource(self.locks.get(path), name)
         self.locks.create_resource(self.locks.get(path), name)
+        return None
 
-    def delete_resource(self, conn, buf, pos: int, end: int) -> None:
+    def delete_resource(self, conn, buf, pos: int, end: int):
         path, name, flags = decode_resource_at(buf, pos, end)[0]
         self._check(conn, P.PROC_DELETE_RESOURCE, flags)
+        if self.offload is not None:
+            return self.offload.delete_resource(self.locks.get(path), name)
         self.locks.delete_resource(self.locks.get(path), name)
+        return None
 
-    def create_lockspace(self, conn, buf, pos: int, end: int) -> None:
+    def create_lockspace(self, conn, buf, pos: int, end: int):
         path = P.decode_create_lockspace(xdr.Decoder(buf, pos, end))
         if conn.restricted:
             raise P.err_restricted()
+        if self.offload is not None:
+            return self.offload.create_lockspace(path)
         self.state.create_lockspace(path)
+        return None

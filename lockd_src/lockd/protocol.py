@@ -209,6 +209,21 @@ def err_touch(path: str, exc: OSError) -> rpc.RPCError:
     return rpc.system_error(0, "cannot create file '%s'" % path, exc.errno or 0, os.strerror(exc.errno or 0))
 
 
+def err_storage_timeout(what: str, mount: str, seconds: float) -> rpc.RPCError:
+    """lockd only: a storage call on a network filesystem missed its deadline
+    (``what``: "Lockspace resource 'name'" or "Lockspace /dir")."""
+    return rpc.error(rpc.ERR_OPERATION_TIMEOUT, rpc.FROM_LOCKSPACE,
+                     "%s on %s did not answer within %g s" % (what, mount, seconds))
+
+
+def err_storage_stalled(what: str, mount: str, waited: float, pending: int) -> rpc.RPCError:
+    """lockd only: the filesystem has a call past its deadline; new calls are
+    refused at once instead of queueing behind it."""
+    return rpc.error(rpc.ERR_OPERATION_TIMEOUT, rpc.FROM_LOCKSPACE,
+                     "%s on %s did not answer: that filesystem has not answered for %.0f s (%d call(s) "
+                     "waiting); retry when its server answers again" % (what, mount, waited, pending))
+
+
 def err_decode() -> rpc.RPCError:
     return rpc.rpc_error("Unable to decode message payload")
 

@@ -49,6 +49,7 @@ ERR_SYSTEM_ERROR = 38
 ERR_RPC = 39
 ERR_OPERATION_INVALID = 55
 ERR_CONFIG_UNSUPPORTED = 67
+ERR_OPERATION_TIMEOUT = 68
 ERR_RESOURCE_BUSY = 87
 
 # virErrorDomain values
@@ -70,6 +71,7 @@ TEMPLATES = {
     ERR_RPC: "%s",
     ERR_OPERATION_INVALID: "Requested operation is not valid: %s",
     ERR_CONFIG_UNSUPPORTED: "unsupported configuration: %s",
+    ERR_OPERATION_TIMEOUT: "Timed out during operation: %s",
     ERR_RESOURCE_BUSY: "resource busy: %s",
 }
 

@@ -25,6 +25,7 @@ from typing import Callable, Dict, Optional, Tuple
 from . import rpc
 from .errors import Fatal
 from .loop import EPOLLERRHUP, EPOLLIN, EPOLLOUT
+from .deferred import Pending
 from .program import DROP, LockProgram
 from .state import DaemonState
 
@@ -33,6 +34,7 @@ log = logging.getLogger("lockd")
 _UCRED = struct.Struct("3i")
 READ_SIZE = 65536            # libvirt's initial message buffer size
 READ_MAX = 1 << 20           # at most this much per read while a big frame arrives
+PAUSED_READ_MAX = 1 << 20    # read no more than this ahead while a request waits for storage
 ACCEPT_ERROR_EVERY = 5.0     # seconds between two log lines about the same accept error
 
 
@@ -187,7 +189,7 @@ class Conn:
 class LockConn(Conn):
     """A connection on the lock socket: libvirt's lockd.so plugin, or QEMU's own."""
 
-    __slots__ = ("server", "program", "restricted", "owner", "own", "skip")
+    __slots__ = ("server", "program", "restricted", "owner", "own", "skip", "pending")
 
     def __init__(self, server: "Server", sock: socket.socket, pid: int, uid: int,
                  cid: Optional[int] = None) -> None:
@@ -198,8 +200,14 @@ class LockConn(Conn):
         self.owner = None        # protocol.Owner, set by REGISTER
         self.own = False         # peer pid == registered owner pid
         self.skip = 0            # in-band bytes of passed fds still to discard
+        self.pending: Optional[Pending] = None   # the request at the head of rbuf waits for storage
 
     def process(self) -> None:
+        if self.pending is not None:
+            if len(self.rbuf) > PAUSED_READ_MAX and self.mask == EPOLLIN:
+                self.mask = 0                    # a flood while we wait: stop reading until resume()
+                self.loop.modify(self.fd, 0)
+            return
         buf = self.rbuf
         end = len(buf)
         pos = 0
@@ -224,18 +232,54 @@ class LockConn(Conn):
                 self.want = min(max(READ_SIZE, n - (end - pos)), READ_MAX)
                 break
             reply = dispatch(self, buf, pos, n)
-            pos += n
             if reply is not None:
                 if reply is DROP:
                     self.close_after_replies()
                     return
+                if reply.__class__ is Pending:
+                    if reply.frame is None:
+                        # libvirt's order: no further request until this one is answered
+                        del buf[:pos]
+                        self.pending = reply
+                        reply.attach(self, n)
+                        return
+                    reply = reply.frame
                 self.wbuf += reply
+            pos += n
             if self.fd < 0:
                 return
         else:
             self.want = READ_SIZE
         if pos:
             del buf[:pos]
+
+    def resume(self, pending: Pending) -> None:
+        """The reply to the request we wait on is there: send it, go on."""
+        if self.pending is not pending or self.fd < 0:
+            return
+        self.pending = None
+        del self.rbuf[:pending.size]
+        self.wbuf += pending.frame
+        if self.mask == 0:
+            self.mask = EPOLLIN
+            self.loop.modify(self.fd, EPOLLIN)
+        if self.rbuf:
+            self.process()
+        if self.wbuf and self.fd >= 0:
+            self.flush()
+
+    def settle_for_exec(self) -> None:
+        """Before a live re-exec: a request whose change is made already is
+        answered now; one that changed nothing stays at the head of rbuf for
+        the new image to run again."""
+        p = self.pending
+        if p is None:
+            return
+        self.pending = None
+        if not p.redo:
+            p.resolve(None)            # no-op if it was answered already
+            del self.rbuf[:p.size]
+            self.wbuf += p.frame
 
     def closed(self) -> None:
         if self.own and self.owner is not None:

@@ -240,6 +240,8 @@ class DaemonState:
         self.requests = [0] * P.PROC_TABLE_SIZE
         self.request_errors = 0
         self.latency = Histogram()
+        self.storage = None                       # lockd.storage.Storage: network filesystems' workers
+        self.watchdog = None                      # lockd.watchdog.Watchdog: leases on network filesystems
 
     def peer_allowed(self, uid: int) -> bool:
         """Root only (an unprivileged daemon serves its own uid)."""
@@ -259,8 +261,11 @@ class DaemonState:
             self.recorder.lockspace_added(key)
 
     def acquire(self, ls: LockSpace, name: str, info: OwnerInfo, flags: int,
-                when: Optional[float] = None) -> Resource:
-        res = self.locks.acquire(ls, name, info.pid, flags, when)
+                when: Optional[float] = None, opened=None) -> Resource:
+        if opened is None:
+            res = self.locks.acquire(ls, name, info.pid, flags, when)
+        else:   # opened and locked by a storage worker (lockd.offload)
+            res = self.locks.acquire(ls, name, info.pid, flags, when, opened=opened)
         try:
             self.recorder.acquired(res, info)
         except Exception:
@@ -301,4 +306,6 @@ class DaemonState:
             "requests": {"total": sum(self.requests), "errors": self.request_errors, "by_proc": by_proc},
             "latency": self.latency.snapshot(),
             "journal": self.recorder.status(),
+            "stalled_lockspaces": self.storage.stalled() if self.storage is not None else [],
+            "storage": self.storage.summary() if self.storage is not None else [],
         }
