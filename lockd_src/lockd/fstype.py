@@ -16,8 +16,6 @@ stats the path) and runs in a worker.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from typing import Dict, List, NamedTuple, Optional
 
@@ -139,28 +137,34 @@ def mount_of_dev(mounts: List[Mount], dev: int) -> Optional[Mount]:
     return None
 
 
-def _load_statfs():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.statfs
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_char_p, ctypes.c_void_p)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_statfs = _load_statfs()
 _STATFS_SIZE = 256          # struct statfs is 120 bytes on 64-bit Linux; f_type comes first
+_statfs: list = []          # [the libc function, or None], loaded at first use (ctypes costs start-up time)
+
+
+def _libc_statfs():
+    if not _statfs:
+        # CDLL(None): the symbols already loaded (libc among them). Never
+        # ctypes.util.find_library: it runs ldconfig in a child process.
+        try:
+            import ctypes
+            fn = ctypes.CDLL(None, use_errno=True).statfs
+            fn.argtypes = (ctypes.c_char_p, ctypes.c_void_p)
+            fn.restype = ctypes.c_int
+            _statfs.append((ctypes, fn))
+        except (ImportError, OSError, AttributeError):
+            _statfs.append(None)
+    return _statfs[0]
 
 
 def statfs_type(path: str) -> Optional[int]:
     """``f_type`` of the filesystem holding ``path`` (blocks like any call on
     it), or None when statfs cannot be called here. Raises OSError."""
-    if _statfs is None:
+    lib = _libc_statfs()
+    if lib is None:
         return None
+    ctypes, fn = lib
     buf = ctypes.create_string_buffer(_STATFS_SIZE)
-    if _statfs(os.fsencode(path), buf) != 0:
+    if fn(os.fsencode(path), buf) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), path)
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
