@@ -48,6 +48,13 @@ def human(cmd: str, result: dict) -> str:
         for lost in r["lost_leases"]:
             lines.append("  LOST %s (lockspace %r, pids %s): %s"
                          % (lost["resource"], lost["lockspace"], lost["owners"], lost["reason"]))
+        stalled = r.get("stalled_lockspaces", [])
+        if stalled:
+            lines.append("stalled storage: %d lockspace(s)" % len(stalled))
+        for s in stalled:
+            lines.append("  STALLED %s on %s (%s): no answer for %.0f s, %d call(s) waiting"
+                         % (s["lockspace"] if s["lockspace"] else "(direct)", s["mount"], s["fstype"],
+                            s["waited"], s["pending_calls"]))
         return "\n".join(lines)
     if cmd == "leases":
         rows = [[lease["lockspace"] or "(direct)", lease["resource"], "shared" if lease["shared"] else "exclusive",
