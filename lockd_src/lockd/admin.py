@@ -15,10 +15,11 @@ import socket
 import uuid as uuidlib
 from typing import Any, Dict, List, Optional
 
-from . import __version__
+from . import __version__, adminstorage
 from . import owners as own
 from . import protocol as P
 from . import rpc
+from .deferred import Pending
 from .lockspace import AUTOCREATE, SHARED, Resource
 from .server import Conn, Endpoint
 from .state import DaemonState
@@ -27,7 +28,7 @@ log = logging.getLogger("lockd.admin")
 
 VERSION = 1
 MAX_LINE = 1 << 20
-OPS = ("hello", "status", "lockspaces", "leases", "clients", "release", "acquire")
+OPS = ("hello", "status", "lockspaces", "leases", "clients", "release", "acquire", "resume")
 
 
 class AdminError(Exception):
@@ -45,12 +46,15 @@ class AdminError(Exception):
 class AdminConn(Conn):
     """A connection on the admin socket: one JSON request per line, answered in order."""
 
-    __slots__ = ()
+    __slots__ = ("pending",)
 
     def __init__(self, state: DaemonState, sock: socket.socket, pid: int, uid: int) -> None:
         super().__init__(state, sock, pid, uid, state.admins)
+        self.pending: Optional[Pending] = None
 
     def process(self) -> None:
+        if self.pending is not None:
+            return                  # answered in order: the next line waits for this one
         buf = self.rbuf
         pos = 0
         while self.fd >= 0:
@@ -66,8 +70,27 @@ class AdminConn(Conn):
             line = bytes(buf[pos:nl])
             pos = nl + 1
             if line.strip():
-                self.send(handle_line(self.state, line))
+                out = handle_line(self.state, line)
+                if isinstance(out, Pending):
+                    if out.frame is None:
+                        del buf[:pos]
+                        self.pending = out
+                        out.attach(self, 0)
+                        return
+                    self.wbuf += out.frame
+                else:
+                    self.send(out)
         del buf[:pos]
+
+    def resume(self, pending: Pending) -> None:
+        if self.pending is not pending or self.fd < 0:
+            return
+        self.pending = None
+        self.wbuf += pending.frame
+        if self.rbuf:
+            self.process()
+        if self.wbuf and self.fd >= 0:
+            self.flush()
 
     def _too_long(self) -> None:
         self.send(_error_response(None, "bad-request", "request line longer than %d bytes" % MAX_LINE))
@@ -75,7 +98,7 @@ class AdminConn(Conn):
         self.close()
 
     def send(self, obj: dict) -> None:
-        self.wbuf += (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+        self.wbuf += _line(obj)
 
 
 def endpoint(state: DaemonState) -> Endpoint:
@@ -133,12 +156,29 @@ def handle_line(state: DaemonState, line: bytes) -> dict:
         if fn is None:
             raise AdminError("unknown-op", "unknown operation %r; known operations: %s" % (op, ", ".join(OPS)))
         result = fn(state, _Args(op, args))
+        if isinstance(result, tuple):       # (Pending, answer(err) -> result): storage in a worker
+            return _later(rid, *result)
         return {"v": VERSION, "id": rid, "ok": True, "result": result}
     except AdminError as e:
         return _error_response(rid, e.code, e.message)
     except Exception as e:  # never let one request take the daemon down
         log.exception("admin request failed")
         return _error_response(rid, "internal", str(e))
+
+
+def _later(rid, pending: Pending, answer) -> Pending:
+    def finish(err) -> bytes:
+        try:
+            obj = {"v": VERSION, "id": rid, "ok": True, "result": answer(err)}
+        except AdminError as e:
+            obj = _error_response(rid, e.code, e.message)
+        return _line(obj)
+    pending.set_finish(finish)
+    return pending
+
+
+def _line(obj: dict) -> bytes:
+    return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
 
 
 class _Args:
@@ -185,6 +225,8 @@ def lease_obj(state, res: Resource) -> dict:
         "lockspace": res.lockspace.key, "resource": res.name, "path": res.path,
         "dev": res.dev, "ino": res.ino, "shared": bool(res.flags & SHARED),
         "autocreate": bool(res.flags & AUTOCREATE),
+        # held | at_risk | lost | fenced (lockd.leasewatch): only leases on network filesystems change
+        "state": state.watchdog.state_of(res) if state.watchdog is not None else "held",
         "owners": [_owner_obj(state, res, pid) for pid in dict.fromkeys(res.owners)],
     }
 
@@ -366,21 +408,42 @@ def _op_acquire(state, a: _Args) -> dict:
                          % (resource, ", ".join(str(p) for p in dict.fromkeys(res.owners))))
     if dry_run:
         return {"changed": True, "lease": None}
+    def answer(err: Optional[Exception]) -> dict:
+        if err is not None:
+            code = "busy" if getattr(err, "code", None) == rpc.ERR_RESOURCE_BUSY else \
+                "not-found" if getattr(err, "int1", None) == errno.ENOENT else "internal"
+            state.owners.forget_if_idle(opid)
+            raise AdminError(code, getattr(err, "message", None) or str(err) or "acquire failed")
+        log.warning("admin adopted lease %r in lockspace %r for pid %d (%s)", resource, lockspace, opid, oname)
+        return {"changed": True, "lease": lease_obj(state, state.locks.get(lockspace).resources[resource])}
+
     try:
-        if ls is None:
-            ls = state.create_lockspace(lockspace)
         info = state.owners.identify(P.Owner(uuidlib.UUID(ouuid).bytes, oname, oid, opid))
-        res = state.acquire(ls, resource, info, flags)
+        if state.offload is not None:      # network storage: maybe answered later
+            later = adminstorage.acquire(state, lockspace, resource, info, flags)
+            if later is not None:
+                return (later, answer)
+        else:
+            state.acquire(ls if ls is not None else state.create_lockspace(lockspace), resource, info, flags)
     except rpc.RPCError as e:
-        code = "busy" if e.code == rpc.ERR_RESOURCE_BUSY else \
-            "not-found" if e.int1 == errno.ENOENT else "internal"
-        state.owners.forget_if_idle(opid)
-        raise AdminError(code, e.message or "acquire failed") from None
-    log.warning("admin adopted lease %r in lockspace %r for pid %d (%s)", resource, lockspace, opid, oname)
-    return {"changed": True, "lease": lease_obj(state, res)}
+        return answer(e)
+    return answer(None)
+
+
+def _op_resume(state, a: _Args) -> dict:
+    """Continue VMs that fencing paused, once every lease of theirs is held again."""
+    owner_pid, owner_uuid = a.get("owner_pid", int), a.get("owner_uuid", str)
+    a.done()
+    try:
+        resumed, refused = adminstorage.resume(state, owner_pid, owner_uuid and _norm_uuid(owner_uuid))
+    except LookupError as e:
+        raise AdminError("not-found", "%s; `virtlockctl status` lists the paused VMs" % e) from None
+    if refused and not resumed:
+        raise AdminError("busy", "; ".join(r["reason"] for r in refused))
+    return {"changed": bool(resumed), "resumed": resumed, "refused": refused}
 
 
 _OPS = {
     "hello": _op_hello, "status": _op_status, "lockspaces": _op_lockspaces, "leases": _op_leases,
-    "clients": _op_clients, "release": _op_release, "acquire": _op_acquire,
+    "clients": _op_clients, "release": _op_release, "acquire": _op_acquire, "resume": _op_resume,
 }

@@ -55,15 +55,35 @@ def human(cmd: str, result: dict) -> str:
             lines.append("  STALLED %s on %s (%s): no answer for %.0f s, %d call(s) waiting"
                          % (s["lockspace"] if s["lockspace"] else "(direct)", s["mount"], s["fstype"],
                             s["waited"], s["pending_calls"]))
+        f = r.get("fencing")
+        if f:
+            w = f["watched"]
+            lines.append("network leases: %d held, %d at risk, %d lost, %d fenced (on_lockfailure %s, fenced "
+                         "within %.1f s of the server's silence, NFS lease time %g s)"
+                         % (w["held"], w["at_risk"], w["lost"], w["fenced"], f["policy"], f["fence_within"],
+                            f["nfs_lease_time"]))
+            for p in f["paused"]:
+                lines.append("  PAUSED %s pid %d since %s (lease %s): `virtlockctl resume --owner-pid %d` once "
+                             "it is held again" % (p.get("name") or "?", p["pid"], _ago(p.get("since")),
+                                                   p.get("resource"), p["pid"]))
+            for d in f["decisions"][-5:]:
+                lines.append("  %s %s: %s -> %s (%s), action %s"
+                             % (time.strftime("%H:%M:%S", time.localtime(d["at"])), d["resource"], d["old"],
+                                d["state"], d["reason"], d["action"]))
         return "\n".join(lines)
     if cmd == "leases":
         rows = [[lease["lockspace"] or "(direct)", lease["resource"], "shared" if lease["shared"] else "exclusive",
+                 lease.get("state", "held").upper().replace("_", " "),
                  _owners(lease), ", ".join(o.get("uuid") or "?" for o in lease["owners"]),
                  _ago(min((o.get("since") or 0) for o in lease["owners"]) if lease["owners"] else 0)]
                 for lease in result["leases"]]
         if not rows:
             return "no leases"
-        return _table(rows, ["LOCKSPACE", "RESOURCE", "MODE", "OWNERS", "UUID", "AGE"])
+        return _table(rows, ["LOCKSPACE", "RESOURCE", "MODE", "STATE", "OWNERS", "UUID", "AGE"])
+    if cmd == "resume":
+        out = ["resumed %s pid %d" % (p.get("name") or "?", p["pid"]) for p in result["resumed"]]
+        out += ["still stopped: pid %d: %s" % (r["pid"], r["reason"]) for r in result["refused"]]
+        return "\n".join(out) or "no paused VM"
     if cmd == "lockspaces":
         return _table([[ls["path"] or "(direct)", ls["resources"]] for ls in result["lockspaces"]],
                       ["LOCKSPACE", "LEASES"])
@@ -117,6 +137,9 @@ def main(argv=None) -> int:
     aq.add_argument("--owner-id", type=int, required=True)
     aq.add_argument("--owner-pid", type=int, required=True)
     aq.add_argument("--dry-run", action="store_true")
+    rs = sub.add_parser("resume", help="continue VMs that fencing paused (only once their leases are held again)")
+    rs.add_argument("--owner-pid", type=int)
+    rs.add_argument("--owner-uuid")
     a = ap.parse_args(argv)
 
     args = {}
@@ -134,6 +157,8 @@ def main(argv=None) -> int:
         else:
             ap.error("release needs --resource (with --lockspace), --owner-uuid or --owner-pid")
         args.update(force=a.force, dry_run=a.dry_run)
+    elif a.cmd == "resume":
+        args = {k: v for k, v in (("owner_pid", a.owner_pid), ("owner_uuid", a.owner_uuid)) if v is not None}
     elif a.cmd == "acquire":
         args = {"lockspace": a.lockspace, "resource": a.resource, "shared": a.shared, "autocreate": a.autocreate,
                 "dry_run": a.dry_run, "owner": {"uuid": a.owner_uuid, "name": a.owner_name, "id": a.owner_id,

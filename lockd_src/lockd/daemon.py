@@ -35,6 +35,8 @@ from .filelock import probe_lock_type
 from .journal import Journal
 from .lockspace import Locks
 from .logs import setup_logging
+from .fencing import FILE as FENCING_FILE
+from .fencing import Fencer
 from .offload import Offload
 from .loop import EventLoop
 from .program import LockProgram
@@ -42,6 +44,7 @@ from .recovery import recover
 from .server import Server, bind_unix
 from .state import DaemonState, Recorder
 from .storage import Storage
+from .watchdog import Watchdog
 from .systemd import Notifier, listen_fds_with_names
 
 log = logging.getLogger("lockd")
@@ -276,7 +279,7 @@ class Daemon:
             journal.open()
             state.recorder.compact()
 
-        self._start_storage(state, server)
+        self._start_storage(state, server, state_dir)
         self.loop.catch_signals(self.SIGNALS)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self.loop.on_signal = self.on_signal
@@ -296,13 +299,16 @@ class Daemon:
         log.info("lockd %s serving (pid %d, %s locks%s)", __version__, os.getpid(), lock_type,
                  ", fd store" if fdstore else "")
 
-    def _start_storage(self, state: DaemonState, server: Server) -> None:
+    def _start_storage(self, state: DaemonState, server: Server, state_dir: str) -> None:
         """Worker threads for network filesystems (docs/design.md, "Hung storage")."""
         cfg = state.cfg
         if cfg["storage_workers"] == "none":
             return
         state.storage = Storage(self.loop, state.locks, cfg["io_timeout"], cfg["storage_workers"])
-        server.program.offload = Offload(state, state.storage)
+        server.program.offload = state.offload = Offload(state, state.storage)
+        fencer = Fencer(state.owners, cfg["on_lockfailure"], os.path.join(state_dir, FENCING_FILE))
+        fencer.load()
+        state.watchdog = Watchdog(state, state.storage, fencer, cfg["io_timeout"], cfg["nfs_lease_time"])
         state.storage.adopt_held()
 
     def _state_dir(self, cfg: dict) -> str:

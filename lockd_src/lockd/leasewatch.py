@@ -51,13 +51,14 @@ class Decision(NamedTuple):
 class StoreWatch:
     """The probe history of one filesystem."""
 
-    __slots__ = ("key", "last_ok", "inflight", "silent_since")
+    __slots__ = ("key", "last_ok", "inflight", "silent_since", "last_gap")
 
     def __init__(self, key: Hashable, now: float) -> None:
         self.key = key
         self.last_ok = now              # start of the last round trip that succeeded
         self.inflight: Optional[float] = None
         self.silent_since: Optional[float] = None   # last_ok when the store went at risk
+        self.last_gap = 0.0             # seconds between the last two successes (the server's view of us)
 
 
 class LeaseWatch:
@@ -132,6 +133,7 @@ class Decider:
                     self._to(out, lease, LOST, "the server answered %s" % errno.errorcode.get(err, err), ended)
             return out                     # any other error: no news; the deadline decides
         gap = ended - s.last_ok
+        s.last_gap = gap
         was_silent = s.silent_since is not None
         s.last_ok = started
         s.silent_since = None
@@ -143,12 +145,12 @@ class Decider:
         if was_silent:
             for lease in self.on_store(store):
                 w = self.leases[lease]
-                if w.state != AT_RISK:
+                if w.state not in (AT_RISK, FENCED):
                     continue
                 if gap >= self.lease_time:
                     self._to(out, lease, LOST, "the server was silent for %.0f s, longer than its lease time "
                              "(%g s): it may have granted the lock elsewhere" % (gap, self.lease_time), ended)
-                else:
+                elif w.state == AT_RISK:
                     self._to(out, lease, HELD, "the server answers again after %.1f s (within its lease "
                              "time of %g s): the lock is still ours" % (gap, self.lease_time), ended)
         return out

@@ -156,10 +156,11 @@ class Offload:
             p.resolve(None)
             return
         try:
-            self.state.acquire(ls, name, info, flags, opened=call.result)
+            res = self.state.acquire(ls, name, info, flags, opened=call.result)
         except rpc.RPCError as e:
             p.resolve(e)           # the journal refused it; DaemonState undid it (its unlock is queued)
             return
+        self.storage.held(res, store)
         p.resolve(None)
 
     # -- RELEASE_RESOURCE ------------------------------------------------------------------

@@ -247,25 +247,34 @@ class Owners:
 
     # -- the kill sequence --------------------------------------------------
 
+    def pidfd_of(self, pid: int) -> Optional[int]:
+        """A pidfd of the very process that registered as ``pid`` (the caller
+        closes it), or None if that process is gone."""
+        if pid <= 1:
+            return None
+        info = self.infos.get(pid)
+        if info is not None and info.pin is not None:
+            return os.dup(info.pin)      # the very process that registered
+        pidfd = pidfd_open(pid)
+        if pidfd is None:
+            return None              # already gone
+        # A pidfd opened now pins whatever process has this pid *now*. If
+        # the owner died and its pid was reused meanwhile, that is someone
+        # else: compare the start time recorded at registration.
+        started = info.start_time if info is not None else None
+        if started is not None and start_time(pid) != started:
+            log.info("owner pid %d already exited (the pid now belongs to another process): "
+                     "nothing to signal", pid)
+            os.close(pidfd)
+            return None
+        return pidfd
+
     def start_kill(self, pid: int) -> None:
         if pid <= 1 or pid in self.kills:
             return
-        info = self.infos.get(pid)
-        if info is not None and info.pin is not None:
-            pidfd = os.dup(info.pin)      # the very process that registered
-        else:
-            pidfd = pidfd_open(pid)
-            if pidfd is None:
-                return               # already gone
-            # A pidfd opened now pins whatever process has this pid *now*. If
-            # the owner died and its pid was reused before we saw the EOF, that
-            # is someone else: compare the start time recorded at registration.
-            started = info.start_time if info is not None else None
-            if started is not None and start_time(pid) != started:
-                log.info("owner pid %d already exited (the pid now belongs to another process): "
-                         "nothing to kill", pid)
-                os.close(pidfd)
-                return
+        pidfd = self.pidfd_of(pid)
+        if pidfd is None:
+            return
         log.info("killing owner pid %d: its connection closed while it held leases", pid)
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)

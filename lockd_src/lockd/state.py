@@ -242,6 +242,7 @@ class DaemonState:
         self.latency = Histogram()
         self.storage = None                       # lockd.storage.Storage: network filesystems' workers
         self.watchdog = None                      # lockd.watchdog.Watchdog: leases on network filesystems
+        self.offload = None                       # lockd.offload.Offload: procedures with storage in workers
 
     def peer_allowed(self, uid: int) -> bool:
         """Root only (an unprivileged daemon serves its own uid)."""
@@ -308,4 +309,5 @@ class DaemonState:
             "journal": self.recorder.status(),
             "stalled_lockspaces": self.storage.stalled() if self.storage is not None else [],
             "storage": self.storage.summary() if self.storage is not None else [],
+            "fencing": self.watchdog.status() if self.watchdog is not None else None,
         }

@@ -122,6 +122,7 @@ class Storage:
         self.generation = 0
         self.capture: Optional[list] = None      # (store, call) of discards, while a release runs
         self._mountinfo_fd: Optional[int] = None
+        self.watcher = None                       # lockd.watchdog.Watchdog, when leases are watched
         locks.on_discard = self.discard
         self._watch_mounts()
 
@@ -260,6 +261,8 @@ class Storage:
         if store is None:
             leasefile.discard(res.fd, res.path, res.flags, self.locks.lock_type)
             return
+        if self.watcher is not None:
+            self.watcher.forget(res)
         call = Call(store.files.discard, (res.fd, res.path, res.flags, res.dev, res.ino), None,
                     "release of %s" % res.path, abandonable=False)
         if self.capture is not None:
@@ -275,6 +278,12 @@ class Storage:
             if store is not None and store.network:
                 store.submit(Call(store.files.seed, (res.fd, res.dev, res.ino, res.flags), None,
                                   "seed", abandonable=False))
+                self.held(res, store)
+
+    def held(self, res: Resource, store: Store) -> None:
+        """A lease on a network store is held now: the watchdog watches it."""
+        if self.watcher is not None:
+            self.watcher.watch(res, store)
 
     def quiesce(self, timeout: float) -> bool:
         """Before a live re-exec (the loop is stopped): apply what the workers
