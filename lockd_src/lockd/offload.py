@@ -199,20 +199,18 @@ class Offload:
     # -- the rest --------------------------------------------------------------------------
 
     def create_resource(self, ls: LockSpace, name: str) -> Optional[Pending]:
-        if name in ls.resources:
-            raise P.err_busy(name)
-        return self._run(self.storage.dir_of(ls, name), "create", True,
-                         lambda: self.locks.create_resource(ls, name),
-                         lambda store, p: self._simple(store, p, "Lockspace resource '%s'" % name,
-                                                       store.files.create_resource, (ls.path_of(name), name)))
+        return self._resource_file(ls, name, "create", self.locks.create_resource, "create_resource")
 
     def delete_resource(self, ls: LockSpace, name: str) -> Optional[Pending]:
+        return self._resource_file(ls, name, "delete", self.locks.delete_resource, "delete_resource")
+
+    def _resource_file(self, ls: LockSpace, name: str, verb: str, local, remote: str) -> Optional[Pending]:
+        """CREATE/DELETE_RESOURCE: busy if held (memory), then the file call."""
         if name in ls.resources:
             raise P.err_busy(name)
-        return self._run(self.storage.dir_of(ls, name), "delete", True,
-                         lambda: self.locks.delete_resource(ls, name),
+        return self._run(self.storage.dir_of(ls, name), verb, True, lambda: local(ls, name),
                          lambda store, p: self._simple(store, p, "Lockspace resource '%s'" % name,
-                                                       store.files.delete_resource, (ls.path_of(name), name)))
+                                                       getattr(store.files, remote), (ls.path_of(name), name)))
 
     def create_lockspace(self, key: str) -> Optional[Pending]:
         if key in self.locks.lockspaces:
