@@ -169,10 +169,9 @@ def handle_line(state: DaemonState, line: bytes) -> dict:
 def _later(rid, pending: Pending, answer) -> Pending:
     def finish(err) -> bytes:
         try:
-            obj = {"v": VERSION, "id": rid, "ok": True, "result": answer(err)}
+            return _line({"v": VERSION, "id": rid, "ok": True, "result": answer(err)})
         except AdminError as e:
-            obj = _error_response(rid, e.code, e.message)
-        return _line(obj)
+            return _line(_error_response(rid, e.code, e.message))
     pending.set_finish(finish)
     return pending
 
@@ -258,7 +257,9 @@ def _matching(state, a: _Args) -> List[Resource]:
     owner_name = a.get("owner_name", str)
     owner_pid = a.get("owner_pid", int)
     ino = None
-    if path is not None:
+    # no stat() under a network mount: on a hung NFS server it would block the loop
+    store = state.storage.quick(os.path.dirname(path)) if path is not None and state.storage else None
+    if path is not None and (store is None or not store.network):
         try:
             st = os.stat(path)
             ino = (st.st_dev, st.st_ino)
