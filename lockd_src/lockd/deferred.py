@@ -60,3 +60,17 @@ class Pending:
             if self.conn is not None:
                 self.conn.resume(self)
 
+
+
+def settle_for_exec(conn) -> None:
+    """Before a live re-exec, for a connection waiting on ``conn.pending``: a
+    request whose change is made already is answered now; one that changed
+    nothing stays at the head of ``conn.rbuf`` for the new image to run again."""
+    p = conn.pending
+    if p is None:
+        return
+    conn.pending = None
+    if not p.redo:
+        p.resolve(None)            # no-op if it was answered already
+        del conn.rbuf[:p.size]
+        conn.wbuf += p.frame

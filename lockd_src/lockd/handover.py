@@ -20,6 +20,7 @@ import time
 from typing import List, Optional
 
 from . import protocol as P
+from .deferred import settle_for_exec
 from .journal import write_atomic
 from .owners import OwnerInfo
 from .server import LockConn, Server
@@ -175,7 +176,7 @@ def reexec(state: DaemonState, server: Server, pidfile_fd: Optional[int], path: 
         a.close()
     state.owners.stop_all()
     for c in list(state.clients.values()):
-        c.settle_for_exec()       # requests waiting for storage: answered, or run again by the new image
+        settle_for_exec(c)        # requests waiting for storage: answered, or run again by the new image
         if c.wbuf:
             c.flush()             # what cannot be sent now is saved in the state
     t0 = time.monotonic()

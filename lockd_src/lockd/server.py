@@ -128,7 +128,7 @@ class Conn:
                 self.close()
                 return
             if not data:
-                self.close()
+                self.eof()
                 return
             self.rbuf += data
             self.process()
@@ -182,6 +182,10 @@ class Conn:
             self.flush()
         self.close()
 
+    def eof(self) -> None:
+        """The peer closed its side."""
+        self.close()
+
     def closed(self) -> None:
         """After close: what the connection's going away means."""
 
@@ -189,7 +193,7 @@ class Conn:
 class LockConn(Conn):
     """A connection on the lock socket: libvirt's lockd.so plugin, or QEMU's own."""
 
-    __slots__ = ("server", "program", "restricted", "owner", "own", "skip", "pending")
+    __slots__ = ("server", "program", "restricted", "owner", "own", "skip", "pending", "eof_seen")
 
     def __init__(self, server: "Server", sock: socket.socket, pid: int, uid: int,
                  cid: Optional[int] = None) -> None:
@@ -201,6 +205,7 @@ class LockConn(Conn):
         self.own = False         # peer pid == registered owner pid
         self.skip = 0            # in-band bytes of passed fds still to discard
         self.pending: Optional[Pending] = None   # the request at the head of rbuf waits for storage
+        self.eof_seen = False    # the peer closed while a request waited: answer, then close
 
     def process(self) -> None:
         if self.pending is not None:
@@ -260,26 +265,31 @@ class LockConn(Conn):
         self.pending = None
         del self.rbuf[:pending.size]
         self.wbuf += pending.frame
-        if self.mask == 0:
+        if self.eof_seen:
+            self.loop.add_handler(self.fd, EPOLLIN, self.on_event)
+            self.mask = EPOLLIN
+        elif self.mask == 0:
             self.mask = EPOLLIN
             self.loop.modify(self.fd, EPOLLIN)
         if self.rbuf:
             self.process()
-        if self.wbuf and self.fd >= 0:
+        if self.eof_seen:
+            self.eof()
+        elif self.wbuf and self.fd >= 0:
             self.flush()
 
-    def settle_for_exec(self) -> None:
-        """Before a live re-exec: a request whose change is made already is
-        answered now; one that changed nothing stays at the head of rbuf for
-        the new image to run again."""
-        p = self.pending
-        if p is None:
+    def eof(self) -> None:
+        if self.pending is None or self.fd < 0:
+            if self.eof_seen:
+                self.close_after_replies()     # the answers to what waited go out first
+            else:
+                self.close()
             return
-        self.pending = None
-        if not p.redo:
-            p.resolve(None)            # no-op if it was answered already
-            del self.rbuf[:p.size]
-            self.wbuf += p.frame
+        # As libvirt, which answers every request it read before it sees the
+        # EOF: the one waiting for storage is answered first. Meanwhile the
+        # fd leaves epoll (a hung-up socket would be reported on every turn).
+        self.eof_seen = True
+        self.loop.remove_handler(self.fd)
 
     def closed(self) -> None:
         if self.own and self.owner is not None:

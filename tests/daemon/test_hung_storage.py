@@ -127,3 +127,21 @@ def test_statfs_calls_a_fuse_mount_network(fs):
     assert info.fstype == "fuse.stallfs"
     assert fstype.is_network(0x6969, "?"), "NFS's f_type"
     assert json.dumps(fstype.NETWORK_MAGIC[0x6969]) == '"nfs"'
+
+
+def test_a_request_followed_by_eof_is_answered_before_the_close(daemon, tmp_path):
+    """The first request in a new directory waits for its look-up in a
+    worker; a client that sends it and closes its side at once still gets the
+    answer, as from libvirt's daemon (which answers before it reads the EOF)."""
+    import socket as so
+    from lockd import protocol as P
+    from testbed.wire import EOF, UUID_A, Conn, register_args, res_args
+    disk = tmp_path / "fresh-dir" / "disk.img"
+    disk.parent.mkdir()
+    disk.write_bytes(b"\0" * 512)
+    with Conn(daemon.sock) as c:
+        c.send(P.encode_call(P.PROC_REGISTER, 1, register_args(UUID_A, "vm", 1, fake_pid()))
+               + P.encode_call(P.PROC_ACQUIRE_RESOURCE, 2, res_args("", str(disk))))
+        c.sock.shutdown(so.SHUT_WR)
+        first, second, third = c.recv(), c.recv(), c.recv()
+    assert len(first) == 28 and len(second) == 28 and third == EOF
