@@ -224,7 +224,6 @@ def lease_obj(state, res: Resource) -> dict:
         "lockspace": res.lockspace.key, "resource": res.name, "path": res.path,
         "dev": res.dev, "ino": res.ino, "shared": bool(res.flags & SHARED),
         "autocreate": bool(res.flags & AUTOCREATE),
-        # held | at_risk | lost | fenced (lockd.leasewatch): only leases on network filesystems change
         "state": state.watchdog.state_of(res) if state.watchdog is not None else "held",
         "owners": [_owner_obj(state, res, pid) for pid in dict.fromkeys(res.owners)],
     }
@@ -409,6 +408,7 @@ def _op_acquire(state, a: _Args) -> dict:
                          % (resource, ", ".join(str(p) for p in dict.fromkeys(res.owners))))
     if dry_run:
         return {"changed": True, "lease": None}
+
     def answer(err: Optional[Exception]) -> dict:
         if err is not None:
             code = "busy" if getattr(err, "code", None) == rpc.ERR_RESOURCE_BUSY else \

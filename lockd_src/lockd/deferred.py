@@ -61,7 +61,6 @@ class Pending:
                 self.conn.resume(self)
 
 
-
 def settle_for_exec(conn) -> None:
     """Before a live re-exec, for a connection waiting on ``conn.pending``: a
     request whose change is made already is answered now; one that changed

@@ -196,4 +196,3 @@ class Fencer:
 
     def status(self) -> dict:
         return {"policy": self.policy, "paused": list(self.paused.values()), "decisions": list(self.history)[-50:]}
-

@@ -162,8 +162,8 @@ class Decider:
         for key, s in self.stores.items():
             reason = None
             if s.inflight is not None and now - s.inflight >= self.io_timeout:
-                reason = "a probe has waited %.1f s for the server (io_timeout %g s)" % (now - s.inflight,
-                                                                                       self.io_timeout)
+                reason = "a probe has waited %.1f s for the server (io_timeout %g s)" % (
+                    now - s.inflight, self.io_timeout)
             elif now - s.last_ok >= self.io_timeout + self.interval:
                 reason = "no probe answered for %.1f s (io_timeout %g s + probe interval %g s)" % (
                     now - s.last_ok, self.io_timeout, self.interval)

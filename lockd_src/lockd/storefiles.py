@@ -107,4 +107,3 @@ class StoreFiles:
         """Take our own lock again on the same open file description (a no-op
         for a lock we still hold; EAGAIN when someone else holds it now)."""
         set_lock(fd, F_RDLCK if flags & SHARED else F_WRLCK, self.lock_type)
-
