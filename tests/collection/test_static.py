@@ -171,6 +171,10 @@ def test_role_defaults_match_the_daemon_defaults():
     assert defaults["lock_manager_state_dir"] == "" and defaults["lock_manager_lock_type"] == ""
     specs = yaml.safe_load((ROLE / "meta/argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
     assert DEFAULTS["lock_type"] in specs["lock_manager_lock_type"]["choices"]
+    assert defaults["lock_manager_io_timeout"] == 0 and defaults["lock_manager_on_lockfailure"] == ""
+    assert defaults["lock_manager_nfs_lease_time"] == DEFAULTS["nfs_lease_time"]
+    from lockd.config import ON_LOCKFAILURE
+    assert specs["lock_manager_on_lockfailure"]["choices"] == [""] + list(ON_LOCKFAILURE)
 
 
 def test_unit_files_come_from_the_package():
