@@ -183,6 +183,7 @@ def test_handoff_between_two_daemons_has_no_free_instant(disk):
         assert not setlk(dest, fcntl.F_WRLCK)          # destination resumes: ACQUIRE refused...
         assert take_over(dest, VM1)                    # ...but it is VM1's own hand-off
         assert not setlk(third, fcntl.F_WRLCK)
+        assert getlk(third, 0)[0] == fcntl.F_RDLCK     # the shared phase, seen synchronously
         assert not complete_takeover(dest)             # the source still shares
         assert not end_handoff(holder)                # source QEMU exits: keep the lease file
         os.close(holder)
@@ -192,7 +193,9 @@ def test_handoff_between_two_daemons_has_no_free_instant(disk):
     free, shared, exclusive = prober.stop()
     print(f"prober: {free} free, {shared} shared, {exclusive} exclusive observations")
     assert free == 0, f"byte 0 was seen unlocked {free} times during 300 hand-offs"
-    assert shared > 0 and exclusive > 0, (free, shared, exclusive)
+    # The shared phase is checked in the loop: the prober, a separate process,
+    # may miss it entirely on a loaded machine (seen: 0 shared of ~2,500).
+    assert exclusive > 0, (free, shared, exclusive)
 
 
 def test_the_prober_sees_a_release_then_acquire_gap(disk):
