@@ -130,3 +130,22 @@ def test_removing_the_last_lease_forgets_the_filesystem():
     assert "other" not in d.stores and d.state("c") == HELD
     d.remove("a")
     assert "nfs" in d.stores
+
+
+def test_the_measured_nfs_partition_sequence_ends_lost_and_stays_lost():
+    """As measured on real NFS (hard mount): calls block while cut off, and
+    about 4 s after the reconnect the hung probe returns EIO and F_OFD_GETLK
+    shows a conflict. The fenced lease must end lost, never held again."""
+    d = decider()
+    d.remove("c")
+    rounds(d, 0, 10)                          # last success started at t=10
+    d.probe_started("nfs", 12.5)              # the cut: this probe blocks
+    out = d.tick(12.5 + IO)
+    assert {(x.lease, x.new) for x in out} == {("a", AT_RISK), ("b", AT_RISK)}
+    d.mark("a", FENCED, "owner killed", 12.5 + IO)
+    out = d.probe_done("nfs", 12.5, 12.5 + 40, errno.EIO, [])   # reconnect + 4 s
+    assert {(x.lease, x.new) for x in out} == {("a", LOST), ("b", LOST)}
+    for t in (60.0, 62.5, 65.0):
+        d.probe_started("nfs", t)
+        assert d.probe_done("nfs", t, t + 0.01, None, [("a", CONFLICT), ("b", CONFLICT)]) == []
+    assert states(d) == {"a": LOST, "b": LOST}
