@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from tests.harness import in_ci
+from tests.harness import nfs_bed as shared_nfs_bed
 
 
 def pytest_report_header(config):
@@ -37,8 +38,20 @@ def pytest_runtest_makereport(item, call):
     rep.longrepr = f"skipped in CI, which must not happen (mark the test 'optional' if it may): {reason}"
 
 
+def pytest_collection_finish(session):
+    """Start booting the shared NFS test bed early when a selected test needs it."""
+    shared_nfs_bed.start_early(session)
+
+
+@pytest.fixture(scope="session")
+def nfs_bed(pytestconfig):
+    """The session's multi-kernel NFS test bed (testbed.nfsbed.Cluster), shared by all its users."""
+    return shared_nfs_bed.get(pytestconfig)
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """Leave the host as we found it: real libvirt torn down, no daemons left."""
+    """Leave the host as we found it: real libvirt torn down, no daemons left, our NFS bed down."""
+    shared_nfs_bed.shutdown()
     from testbed import daemons, libvirt
     libvirt.release_shared_env()
     leftovers = daemons.kill_all_leftovers()

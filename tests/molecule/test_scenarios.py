@@ -1,7 +1,9 @@
 """Run every Molecule scenario (``molecule test -s <name>``) as one pytest test.
 
 The scenarios live in ``extensions/molecule/<name>/``: most boot systemd-nspawn
-hosts through ``testbed/nspawn.py``, ``podman`` runs Molecule's podman driver
+hosts through ``testbed/nspawn.py``, the NFS ones attach to the session's
+multi-kernel bed (``testbed/nfsbed.py``, booted in the background as soon as
+collection selects one of them), ``podman`` runs Molecule's podman driver
 (its containers must not outlive the run, nor touch the machine's network
 settings: checked here). While a scenario runs, its steps
 (create, converge, idempotence, verify, destroy) and Ansible tasks are echoed
@@ -25,12 +27,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import require, require_root
+from tests.harness import nfs_bed, require, require_root
 from testbed.nspawn import prepare_rootfs
 
 REPO = Path(__file__).resolve().parents[2]
 LOGS = REPO / ".cache" / "molecule-logs"
 SCENARIOS = sorted(p.parent.name for p in (REPO / "extensions" / "molecule").glob("*/molecule.yml"))
+# Scenarios on the multi-kernel NFS test bed (QEMU guests, testbed/nfsbed.py):
+# they share the session's one bed (tests/harness/nfs_bed.py, $LOCKD_NFS_BED).
+NFS_SCENARIOS = {"nfs_cluster", "nfs_partition"}
 # Lines worth echoing live: Molecule's step lines and Ansible's task/recap lines.
 PROGRESS = re.compile(r"(➜|^\s*│?\s*(TASK|PLAY|RUNNING HANDLER) \[|fatal:|FAILED|failed=[1-9]|"
                       r"Idempotence|^\s*│?\s*\S+\s+: ok=|\b(PASSED|FAILED|ERROR)\b|\d+ (passed|failed)|"
@@ -92,6 +97,9 @@ class _PodmanHost:
 
 def _prerequisites(scenario: str, pytestconfig) -> None:
     require_root()
+    if scenario in NFS_SCENARIOS:
+        nfs_bed.get(pytestconfig)  # boots (or waits for) the session's bed, sets $LOCKD_NFS_BED
+        return
     if scenario == PODMAN:
         require(shutil.which("podman"), "podman (scripts/install-deps.sh)")
         # The images come from the nspawn rootfs tarballs (dependency.sh runs
@@ -105,7 +113,8 @@ def _prerequisites(scenario: str, pytestconfig) -> None:
 @pytest.mark.libvirt
 @pytest.mark.slow
 @pytest.mark.timeout(TIMEOUT)
-@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("scenario", [pytest.param(s, marks=pytest.mark.nfsbed) if s in NFS_SCENARIOS else s
+                                      for s in SCENARIOS])
 def test_molecule_scenario(scenario, pytestconfig, tmp_path_factory):
     venv_bin = Path(sys.executable).parent
     molecule = shutil.which("molecule", path=f"{venv_bin}:{os.environ.get('PATH', '')}")
@@ -149,6 +158,9 @@ def test_molecule_scenario(scenario, pytestconfig, tmp_path_factory):
                 # Molecule was killed mid-run: make sure its hosts do not outlive it.
                 if podman_host:
                     podman_host.remove_ours()
+                elif scenario in NFS_SCENARIOS:
+                    subprocess.run([sys.executable, "-m", "testbed.nfsbed", "release",
+                                    str(ephemeral / "nfsbed")], cwd=REPO)
                 else:
                     subprocess.run([sys.executable, "-m", "testbed.nspawn", "destroy",
                                     str(ephemeral / "nspawn")], cwd=REPO)
