@@ -38,7 +38,7 @@ PROBE_TIMEOUT = 25.0
 # (3 guests on 2 cores, other tests) several times that. A hang guard only.
 BOOT_TIMEOUT = 600.0
 KERNEL_ARGS = ("root=/dev/vda rw console=ttyS0 loglevel=4 net.ifnames=0 mitigations=off "
-               "systemd.show_status=auto panic=-1")
+               "systemd.show_status=1 panic=-1")
 
 
 class GuestError(RuntimeError):

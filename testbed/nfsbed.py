@@ -308,9 +308,10 @@ class Cluster:
         """Between users: links up, lock daemons and libvirt stopped, exports emptied."""
         for name in GUESTS:
             self.heal(name)
-        stop = ("for u in libvirtd.service virtqemud.service virtlockd.service virtlockd.socket "
-                "virtlockd-admin.socket libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket; do "
-                "systemctl stop $u 2>/dev/null; done; true")
+        # VMs destroyed and undefined; daemons stopped (their sockets stay, as at boot).
+        stop = ("for d in $(virsh -c qemu:///system list --all --name 2>/dev/null); do "
+                "virsh -c qemu:///system destroy $d; virsh -c qemu:///system undefine $d; done >/dev/null 2>&1; "
+                "systemctl stop libvirtd.service virtqemud.service virtlockd.service 2>/dev/null; true")
         for p in [self.spawn(h, stop) for h in HYPERVISORS]:
             p.wait(120)
         self.run(SERVER, "rm -rf " + " ".join(f"{e}/* {e}/.[!.]*" for e in EXPORTS), timeout=120)
