@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.molecule.test_scenarios import MIGRATE_WARNING, REPO, SCENARIOS
+from tests.molecule.test_scenarios import MIGRATE_WARNING, NFS_SCENARIOS, REPO, SCENARIOS
 
 MOLECULE_DIR = REPO / "extensions" / "molecule"
 BASE = MOLECULE_DIR / "config.yml"
@@ -83,13 +83,17 @@ def test_no_scenario_uses_legacy_provisioner_keys():
 
 
 def test_nspawn_scenarios_inherit_the_shared_create_and_destroy():
+    """nspawn scenarios inherit the base config's create/destroy; the NFS ones
+    share the test bed's (attach to $LOCKD_NFS_BED or boot)."""
     for path in sorted(MOLECULE_DIR.glob("*/molecule.yml")):
         if path.parent == PODMAN:
             continue
         config = merge(load(BASE), load(path))
         assert config["driver"]["name"] == "default", path
-        assert config["ansible"]["playbooks"]["create"] == "../_shared/create.yml", path
-        assert (path.parent / config["ansible"]["playbooks"]["create"]).resolve().exists(), path
+        kind = "nfsbed_" if path.parent.name in NFS_SCENARIOS else ""
+        for step in ("create", "destroy"):
+            assert config["ansible"]["playbooks"][step] == f"../_shared/{kind}{step}.yml", path
+            assert (path.parent / config["ansible"]["playbooks"][step]).resolve().exists(), path
 
 
 def test_the_podman_scenario_does_not_depend_on_the_base_config():
