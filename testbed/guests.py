@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from testbed import REPO
 
 BUILD_IMAGE = REPO / "scripts" / "build-guest-image.sh"
 CHAN_TAG = "lockdchan"
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 PROBE_TIMEOUT = 25.0
 # A TCG boot to the agent takes ~30 s on an idle 2-core machine; under load
 # (3 guests on 2 cores, other tests) several times that. A hang guard only.
@@ -204,7 +206,8 @@ class Guest:
 
     def console_tail(self, n: int = 1) -> str:
         try:
-            lines = [ln for ln in self.console.read_text(errors="replace").splitlines() if ln.strip()]
+            text = ANSI.sub("", self.console.read_text(errors="replace"))
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         except OSError:
             return ""
         return "\n".join(lines[-n:])

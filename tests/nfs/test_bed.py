@@ -11,7 +11,6 @@ from testbed.nfsbed import LOCKSPACE_MOUNT
 
 pytestmark = [pytest.mark.nfsbed, pytest.mark.slow]
 
-F_OFD_SETLK = 37
 # Hold (or try) an exclusive lock on byte 0: POSIX (lockf) or OFD, print what happened.
 TRY = ("python3 -c 'import fcntl,os,struct,sys,time; fd=os.open(sys.argv[1],os.O_RDWR|os.O_CREAT,0o600); "
        "k=sys.argv[2]\n"
@@ -51,10 +50,10 @@ def test_locks_exclude_across_kernels(nfs_bed, holder_kind, other_kind):
 def test_partition_cuts_nfs_but_not_the_command_channel(nfs_bed):
     probe = f"stat -c %i {LOCKSPACE_MOUNT}/.bedtest-partition"
     nfs_bed.run("hv1", f"touch {LOCKSPACE_MOUNT}/.bedtest-partition")
-    # Drop hv1's attribute cache so the stat below must ask the server.
     nfs_bed.partition("hv1")
     try:
         assert nfs_bed.net.is_cut("hv1")
+        # Dropping hv1's caches makes the stat ask the server, which it cannot reach.
         blocked = nfs_bed.spawn("hv1", f"echo 3 > /proc/sys/vm/drop_caches; {probe}")
         assert blocked.wait(8) is None, "a stat on the hard NFS mount returned while hv1 was cut off"
         # The 9p command channel still answers, and the other hypervisor still reaches the server.
