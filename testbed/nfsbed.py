@@ -54,7 +54,7 @@ DEFAULT_LEASE = 15
 MEMORY_MB = {SERVER: 512, "hv1": 768, "hv2": 768}
 ENV = "LOCKD_NFS_BED"
 SSH_OPTS = ("-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR "
-            "-o ConnectTimeout=20 -o ControlMaster=auto -o ControlPersist=300")
+            "-o ConnectTimeout=60 -o ControlMaster=auto -o ControlPersist=300")
 # Take and release an exclusive fcntl lock on the mount: blocks while the
 # server is in its grace period, so it doubles as the "grace is over" check.
 LOCK_PROBE = ("python3 -c 'import fcntl,os,sys; fd=os.open(sys.argv[1],os.O_RDWR|os.O_CREAT,0o600); "
